@@ -1,0 +1,202 @@
+"""Run configuration: nested dataclasses with defaults, YAML files and dotted ``key=value`` overrides.
+
+Every setting has one home here; unknown keys and out-of-range values are refused with an error
+that names the key.
+
+Example::
+
+    config = load_config("sweeps/base.yaml", ["train.num_domains=3", "objective.gating=true"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cdd_ray.models.losses import AGGREGATIONS, LOSS_FORMS, ObjectiveConfig
+from cdd_ray.models.teacher import TeacherConfig
+from cdd_ray.train.engine import OptimConfig
+
+PARTITIONS = ("random", "cluster", "outlier")
+SCHEDULES = ("alternate", "sequential")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    category: str = ""
+    image_size: int = 128
+    partition: str = "random"
+    outlier_domains: int = 1
+
+
+@dataclass
+class TrainConfig:
+    num_domains: int = 2
+    epochs: int = 10
+    batch_size: int = 16
+    schedule: str = "alternate"
+    teacher_cache: bool = True
+    checkpoint_every: int = 1
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: bool | None = None
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    storage_path: str = "runs"
+    eval_batch_size: int = 32
+
+
+@dataclass
+class EvalConfig:
+    sigma: float = 4.0
+    fpr_limit: float = 0.3
+    overlays: int = 4
+
+
+@dataclass
+class Config:
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _convert(value: object, annotation: object, key: str) -> object:
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if option in (int, float) and not isinstance(value, bool):
+            try:
+                converted = option(value)
+            except (TypeError, ValueError):
+                continue
+            if option is int and isinstance(value, float) and not value.is_integer():
+                continue
+            return converted
+        if option is str and isinstance(value, str | int | float):
+            return str(value)
+    raise ConfigError(f"{key}: cannot use {value!r} as {annotation}")
+
+
+def _apply(target: object, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    names = {f.name for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; known: {sorted(names)}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} is a section; give its keys, e.g. {dotted}.<key>=...")
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(target, key, _convert(value, hints[key], dotted))
+
+
+def _nest(dotted: str, value: object) -> dict:
+    head, _, rest = dotted.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    merged: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _merge(merged, _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return merged
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config) -> Config:
+    _check(config.train.num_domains >= 1, "train.num_domains", "must be >= 1")
+    _check(config.train.epochs >= 1, "train.epochs", "must be >= 1")
+    _check(config.train.batch_size >= 2, "train.batch_size", "must be >= 2 (BatchNorm)")
+    _check(config.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(config.train.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+    _check(config.data.partition in PARTITIONS, "data.partition", f"must be one of {PARTITIONS}")
+    _check(config.data.image_size >= 32, "data.image_size", "must be >= 32")
+    _check(config.data.outlier_domains >= 1, "data.outlier_domains", "must be >= 1")
+    _check(config.optim.lr > 0, "optim.lr", f"must be positive, got {config.optim.lr}")
+    _check(0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)")
+    _check(config.objective.loss_form in LOSS_FORMS, "objective.loss_form", f"must be one of {LOSS_FORMS}")
+    _check(config.objective.aggregation in AGGREGATIONS, "objective.aggregation", f"must be one of {AGGREGATIONS}")
+    _check(config.objective.lambda_cross >= 0, "objective.lambda_cross", "must be >= 0")
+    _check(config.objective.lambda_teacher >= 0, "objective.lambda_teacher", "must be >= 0")
+    _check(
+        config.objective.lambda_cross + config.objective.lambda_teacher > 0,
+        "objective.lambda_cross/lambda_teacher",
+        "cannot both be 0",
+    )
+    _check(config.objective.gating_temperature > 0, "objective.gating_temperature", "must be positive")
+    _check(config.ray.num_workers >= 0, "ray.num_workers", "must be >= 0 (0 runs in the driver)")
+    _check(config.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be positive")
+    _check(config.ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
+    _check(config.eval.sigma >= 0, "eval.sigma", "must be >= 0")
+    _check(0 < config.eval.fpr_limit <= 1, "eval.fpr_limit", "must lie in (0, 1]")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = loaded or {}
+    _merge(values, parse_overrides(overrides or []))
+    config = Config()
+    _apply(config, values)
+    return validate(config)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> Config:
+    config = Config()
+    _apply(config, values)
+    return validate(config)

@@ -1,0 +1,109 @@
+"""Decoding and validation of image and mask files, with errors that name the file.
+
+Every image becomes 8-bit RGB (grayscale, RGBA, palette and 16-bit inputs are converted); every
+mask becomes a boolean array binarized at half of its value range.
+
+Example::
+
+    rgb = read_image(Path("train/good/000.png"))        # (H, W, 3) uint8
+    mask = read_mask(Path("ground_truth/x_mask.png"), rgb.shape[:2], image_path)
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class BadImageError(ValueError):
+    """An image or mask file cannot be used; the message names it."""
+
+
+class MaskMismatchError(ValueError):
+    """A mask does not fit its image; the message names both files."""
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise BadImageError(f"{name}: not a readable image ({error})") from error
+    return image
+
+
+def _to_array(image: Image.Image) -> np.ndarray:
+    """8-bit array in the image's own channels (1, 3 or 4), scaling 16/32-bit integer data down."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if values.max() <= 1.0 else 255.0
+        return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(image)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    image = _open(data, name)
+    if image.mode in ("RGB",):
+        return np.asarray(image, dtype=np.uint8)
+    if image.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "L", "1"):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    gray = _to_array(image)
+    return np.repeat(gray[..., None], 3, axis=2) if gray.ndim == 2 else gray[..., :3]
+
+
+def decode_mask(data: bytes, name: str) -> np.ndarray:
+    image = _open(data, name)
+    if image.mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
+        image = image.convert("L")
+    values = _to_array(image) if image.mode != "1" else np.asarray(image, dtype=np.uint8) * 255
+    return values >= 128
+
+
+def read_image(path: Path) -> np.ndarray:
+    return decode_image(Path(path).read_bytes(), str(path))
+
+
+def read_mask(path: Path, shape: tuple[int, int], image_path: Path | str) -> np.ndarray:
+    try:
+        mask = decode_mask(Path(path).read_bytes(), str(path))
+    except BadImageError as error:
+        raise MaskMismatchError(f"{error} (mask of image {image_path})") from error
+    if mask.shape != tuple(shape):
+        raise MaskMismatchError(
+            f"mask {path} has size {mask.shape[1]}x{mask.shape[0]} but its image {image_path} "
+            f"has {shape[1]}x{shape[0]}"
+        )
+    return mask
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    return encode_png((mask > 0).astype(np.uint8) * 255)
+
+
+def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    if mask.shape == (size, size):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128

@@ -1,0 +1,100 @@
+"""Run reports: metrics.json (mean and per category), a rich table, PNG overlays of anomaly maps.
+
+Example::
+
+    metrics = summarize(results, fpr_limit=0.3)
+    write_metrics(run_dir / "metrics.json", metrics)
+    print_metrics_table({"cdd": metrics})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cdd_ray.data.store import write_atomic, write_json
+from cdd_ray.data.images import encode_png
+from cdd_ray.evaluate.metrics import compute_metrics
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+
+
+def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3) -> dict:
+    """``results`` holds category, label, score, map, mask arrays over the test set."""
+    per_category = {}
+    for category in sorted(set(results["category"].tolist())):
+        rows = results["category"] == category
+        has_pixels = results["mask"][rows].any()
+        per_category[category] = compute_metrics(
+            results["score"][rows], results["label"][rows],
+            results["map"][rows] if has_pixels else None, results["mask"][rows] if has_pixels else None,
+            fpr_limit,
+        )
+    summary = {
+        key: float(np.mean([m[key] for m in per_category.values() if key in m]))
+        for key in METRIC_KEYS
+        if any(key in m for m in per_category.values())
+    }
+    summary["per_category"] = per_category
+    summary["num_test_images"] = int(len(results["label"]))
+    return summary
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    write_json(path, metrics)
+
+
+def print_metrics_table(runs: dict[str, dict], console: Console | None = None, title: str = "metrics") -> None:
+    """One row per (run, category) and a mean row per run."""
+    table = Table(title=title)
+    table.add_column("run")
+    table.add_column("category")
+    for key in METRIC_KEYS:
+        table.add_column(key, justify="right")
+    for name, metrics in runs.items():
+        for category, values in metrics["per_category"].items():
+            table.add_row(name, category, *[f"{values[k]:.4f}" if k in values else "-" for k in METRIC_KEYS])
+        table.add_row(name, "[bold]mean[/bold]", *[f"{metrics[k]:.4f}" if k in metrics else "-" for k in METRIC_KEYS])
+    (console or Console()).print(table)
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """A blue-to-red colour map of a [0, 1] array, as uint8 RGB."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    low, mid, high = np.array([0.0, 0.0, 0.6]), np.array([1.0, 1.0, 0.0]), np.array([0.9, 0.0, 0.0])
+    rgb = np.where(v < 0.5, low + (mid - low) * (v / 0.5), mid + (high - mid) * ((v - 0.5) / 0.5))
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, vmax: float) -> np.ndarray:
+    """Image | blended heat map | mask, side by side (image in (3, H, W) float [0, 1])."""
+    rgb = (np.transpose(image, (1, 2, 0)) * 255).astype(np.uint8)
+    heat = heatmap(anomaly_map / max(vmax, 1e-12))
+    blended = (0.5 * rgb + 0.5 * heat).astype(np.uint8)
+    truth = np.zeros_like(rgb) if mask is None else np.repeat((mask > 0)[..., None] * 255, 3, 2).astype(np.uint8)
+    return np.concatenate([rgb, blended, truth], axis=1)
+
+
+def write_overlays(directory: Path, results: dict[str, np.ndarray], count: int) -> list[Path]:
+    """PNG overlays of the ``count`` highest- and lowest-scored test images."""
+    if count <= 0:
+        return []
+    order = np.argsort(-results["score"], kind="stable")
+    picks = [("high", i) for i in order[:count]] + [("low", i) for i in order[::-1][:count]]
+    vmax = float(np.quantile(results["map"], 0.999))
+    written = []
+    for rank, (kind, index) in enumerate(picks):
+        name = str(results["sample_id"][index]).replace("/", "_").replace("@", "_")
+        path = Path(directory) / f"{kind}_{rank % count:02d}_{name}.png"
+        picture = overlay(results["image"][index], results["map"][index], results["mask"][index], vmax)
+        write_atomic(path, encode_png(picture))
+        written.append(path)
+    return written
+
+
+def save_map_png(path: Path, anomaly_map: np.ndarray, vmax: float) -> None:
+    write_atomic(path, encode_png(heatmap(anomaly_map / max(vmax, 1e-12))))
+

@@ -1,0 +1,134 @@
+"""Reverse-distillation losses and the Cross-Domain Distillation (CDD) objective.
+
+``rd_loss`` compares a student's feature maps with a target's, summed over levels:
+
+- ``flat`` (RD4AD's code): 1 - cosine of each whole flattened map, per image;
+- ``pixel`` (RD4AD's paper text): 1 - cosine over channels at each position, averaged.
+
+CDD (our reading of arXiv 2508.18007, see README): the global student G learns from pseudo-normal
+targets P(x), the aggregate of the domain students of every domain other than x's own, and from the
+teacher, ``lambda_cross * L(G, P) + lambda_teacher * L(G, T)``. Optional agreement gating weights the
+teacher term per position by how well P reproduces T there: where the other domains cannot reproduce
+the teacher, the position is likely anomalous and the global student should not learn it.
+
+Example::
+
+    targets = pseudo_normal_targets(domain_outputs, domain_ids, aggregation="mean")
+    loss = global_student_loss(global_out, teacher_feats, targets, ObjectiveConfig())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_FORMS = ("flat", "pixel")
+AGGREGATIONS = ("mean", "median")
+EPS = 1e-8
+
+
+@dataclass
+class ObjectiveConfig:
+    loss_form: str = "flat"
+    aggregation: str = "mean"
+    lambda_cross: float = 1.0
+    lambda_teacher: float = 1.0
+    gating: bool = False
+    gating_temperature: float = 0.1
+
+
+def _level_loss(
+    student: torch.Tensor, target: torch.Tensor, form: str, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-image loss for one level; ``weight`` is a per-position weight of shape (B, 1, H, W)."""
+    if form == "flat":
+        if weight is not None:
+            student, target = student * weight, target * weight
+        return 1.0 - F.cosine_similarity(student.flatten(1), target.flatten(1), dim=1, eps=EPS)
+    if form == "pixel":
+        distance = 1.0 - F.cosine_similarity(student, target, dim=1, eps=EPS).unsqueeze(1)
+        if weight is None:
+            return distance.flatten(1).mean(1)
+        return (distance * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(EPS)
+    raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {form!r}")
+
+
+def rd_loss(
+    student: list[torch.Tensor],
+    target: list[torch.Tensor],
+    form: str = "flat",
+    weights: list[torch.Tensor] | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Sum over levels of (1 - cosine); ``reduction='none'`` keeps one value per image."""
+    if len(student) != len(target):
+        raise ValueError(f"student has {len(student)} levels, target {len(target)}")
+    per_image = sum(
+        _level_loss(s, t, form, None if weights is None else w)
+        for s, t, w in zip(student, target, weights or [None] * len(student), strict=True)
+    )
+    return per_image.mean() if reduction == "mean" else per_image
+
+
+def pseudo_normal_targets(
+    domain_outputs: list[list[torch.Tensor]], domain_ids: torch.Tensor, aggregation: str = "mean"
+) -> list[torch.Tensor]:
+    """For each image of domain k, aggregate the outputs of the students of every domain j != k.
+
+    ``domain_outputs[j][level]`` is student j's output for the whole batch. Needs K >= 2.
+    """
+    num_domains = len(domain_outputs)
+    if num_domains < 2:
+        raise ValueError("pseudo-normal targets need at least two domain students")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if int(domain_ids.min()) < 0 or int(domain_ids.max()) >= num_domains:
+        raise ValueError(f"domain ids must lie in [0, {num_domains}), got {domain_ids.tolist()}")
+    others = torch.arange(num_domains, device=domain_ids.device)[:, None] != domain_ids[None, :]  # (K, B)
+    targets = []
+    for level in range(len(domain_outputs[0])):
+        stacked = torch.stack([outputs[level] for outputs in domain_outputs])  # (K, B, C, H, W)
+        mask = others.view(*others.shape, 1, 1, 1).to(stacked.dtype)
+        if aggregation == "mean":
+            targets.append((stacked * mask).sum(0) / mask.sum(0))
+        else:
+            hidden = stacked.masked_fill(mask == 0, float("nan"))
+            targets.append(torch.nanmedian(hidden, dim=0).values)
+    return targets
+
+
+def agreement_gate(
+    pseudo_normal: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float
+) -> list[torch.Tensor]:
+    """Per-position weight exp(-(1 - cos(P, T)) / temperature) in (0, 1], without gradient."""
+    if temperature <= 0:
+        raise ValueError(f"gating_temperature must be positive, got {temperature}")
+    gates = []
+    for p, t in zip(pseudo_normal, teacher, strict=True):
+        disagreement = 1.0 - F.cosine_similarity(p.detach(), t.detach(), dim=1, eps=EPS)
+        gates.append(torch.exp(-disagreement / temperature).unsqueeze(1))
+    return gates
+
+
+def global_student_loss(
+    global_out: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    pseudo_normal: list[torch.Tensor] | None,
+    objective: ObjectiveConfig,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """lambda_cross * L(G, P) + lambda_teacher * L(G, T), teacher term optionally gated.
+
+    With ``pseudo_normal=None`` (K = 1) this is exactly the RD loss scaled by lambda_teacher.
+    """
+    form = objective.loss_form
+    weights = None
+    if pseudo_normal is not None and objective.gating:
+        weights = agreement_gate(pseudo_normal, teacher, objective.gating_temperature)
+    loss = objective.lambda_teacher * rd_loss(global_out, teacher, form, weights, reduction)
+    if pseudo_normal is not None and objective.lambda_cross:
+        detached = [p.detach() for p in pseudo_normal]
+        loss = loss + objective.lambda_cross * rd_loss(global_out, detached, form, None, reduction)
+    return loss

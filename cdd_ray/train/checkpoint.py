@@ -1,0 +1,101 @@
+"""Checkpoint files of a CDD run (torch only, loaded with ``weights_only=True``).
+
+A checkpoint directory holds:
+
+- ``global.pt`` (written by rank 0): format version, epoch, config, domain manifest, the global
+  student and its optimizer;
+- ``domains_rank<r>.pt`` (one per rank that owns domain students): their weights and optimizers.
+
+Ray Train merges the files that every rank reports into one checkpoint directory; on resume each
+rank reads all ``domains_rank*.pt`` and keeps the students it owns now, so resuming with another
+worker count works too.
+
+Example::
+
+    save_global(dir, engine, epoch, config_dict, manifest)
+    state = load_global(dir)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT_VERSION = 1
+GLOBAL_FILE = "global.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or from an incompatible version."""
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def _save(path: Path, payload: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file missing")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    version = payload.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version}, this cdd-ray reads {CHECKPOINT_FORMAT_VERSION}")
+    return payload
+
+
+def save_global(
+    directory: Path,
+    global_student: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    epoch: int,
+    config: dict,
+    manifest: dict | None = None,
+) -> None:
+    _save(
+        Path(directory) / GLOBAL_FILE,
+        {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "epoch": epoch,
+            "config": config,
+            "domain_manifest": manifest,
+            "global_student": unwrap(global_student).state_dict(),
+            "global_optimizer": None if optimizer is None else optimizer.state_dict(),
+        },
+    )
+
+
+def save_domains(
+    directory: Path, rank: int, students: dict[int, nn.Module], optimizers: dict[int, torch.optim.Optimizer]
+) -> None:
+    if not students:
+        return
+    _save(
+        Path(directory) / f"domains_rank{rank}.pt",
+        {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "students": {k: s.state_dict() for k, s in students.items()},
+            "optimizers": {k: optimizers[k].state_dict() for k in students},
+        },
+    )
+
+
+def load_global(directory: Path) -> dict:
+    return _load(Path(directory) / GLOBAL_FILE)
+
+
+def load_domains(directory: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    students: dict[int, dict] = {}
+    optimizers: dict[int, dict] = {}
+    for path in sorted(Path(directory).glob("domains_rank*.pt")):
+        payload = _load(path)
+        students.update({int(k): v for k, v in payload["students"].items()})
+        optimizers.update({int(k): v for k, v in payload["optimizers"].items()})
+    return students, optimizers

@@ -1,0 +1,207 @@
+"""Plain-PyTorch CDD training: domain-specific steps, aggregation steps, and an in-process fit.
+
+No Ray here. The Ray per-worker loop calls ``CDDEngine.domain_step`` and ``CDDEngine.global_step``
+batch by batch; ``fit_in_process`` runs the same steps on in-memory tensors on one process, which is
+what tests, benchmarks and debugging use.
+
+One epoch (schedule ``alternate``):
+1. DST: for every domain k, student S_k trains on domain k's images against the teacher.
+2. CDKA: the global student trains on all images against the pseudo-normal targets of the other
+   domains' students (frozen, eval mode) and the teacher.
+With K = 1 there are no domain students and the global step is exactly RD.
+
+Example::
+
+    engine = CDDEngine.create(teacher, spec, num_domains=2, objective=ObjectiveConfig(), optim=OptimConfig())
+    history = fit_in_process(engine, images, domains, epochs=3, batch_size=8, seed=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cdd_ray.models.losses import ObjectiveConfig, global_student_loss, pseudo_normal_targets, rd_loss
+from cdd_ray.models.student import Student, StudentSpec
+from cdd_ray.models.teacher import Teacher
+
+Features = list[torch.Tensor]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.005
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(module.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2))
+
+
+def seeded_student(spec: StudentSpec, seed: int) -> Student:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Student(spec)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss turned NaN or infinite; says where."""
+
+
+def _checked(loss: torch.Tensor, where: str) -> torch.Tensor:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} in {where}")
+    return loss
+
+
+class CDDEngine:
+    """Holds the teacher, the global student and the domain students this process trains."""
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        global_student: nn.Module,
+        domain_students: dict[int, Student],
+        num_domains: int,
+        objective: ObjectiveConfig,
+        optim: OptimConfig,
+    ):
+        self.teacher = teacher
+        self.global_student = global_student
+        self.domain_students = domain_students
+        self.num_domains = num_domains
+        self.objective = objective
+        self.global_optimizer = make_optimizer(global_student, optim)
+        self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
+
+    @classmethod
+    def create(
+        cls,
+        teacher: Teacher,
+        spec: StudentSpec,
+        num_domains: int,
+        objective: ObjectiveConfig,
+        optim: OptimConfig,
+        owned_domains: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> CDDEngine:
+        """Each student's initial weights depend only on (seed, its domain), not on the process."""
+        if num_domains < 1:
+            raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+        global_student = seeded_student(spec, seed)
+        owned = range(num_domains) if owned_domains is None else owned_domains
+        domain_students = {k: seeded_student(spec, seed + 1 + k) for k in owned} if num_domains > 1 else {}
+        return cls(teacher, global_student, domain_students, num_domains, objective, optim)
+
+    @property
+    def uses_domains(self) -> bool:
+        return self.num_domains > 1
+
+    def teacher_features(self, images: torch.Tensor) -> Features:
+        return self.teacher(images)
+
+    def domain_step(self, domain: int, images: torch.Tensor, teacher_feats: Features | None = None) -> float:
+        """One DST step: S_domain against the teacher on images of that domain only."""
+        student = self.domain_students[domain]
+        student.train()
+        feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
+        loss = _checked(rd_loss(student(feats), feats, self.objective.loss_form), f"DST of domain {domain}")
+        optimizer = self.domain_optimizers[domain]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def pseudo_normal(
+        self, feats: Features, domain_ids: torch.Tensor, all_domain_students: Sequence[nn.Module]
+    ) -> Features:
+        outputs = []
+        for student in all_domain_students:
+            student.eval()
+            outputs.append(student(feats))
+        return pseudo_normal_targets(outputs, domain_ids, self.objective.aggregation)
+
+    def global_step(
+        self,
+        images: torch.Tensor,
+        domain_ids: torch.Tensor,
+        all_domain_students: Sequence[nn.Module] | None = None,
+        teacher_feats: Features | None = None,
+    ) -> float:
+        """One aggregation step of the global student (plain RD when K = 1)."""
+        feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
+        targets = None
+        if self.uses_domains:
+            students = all_domain_students if all_domain_students is not None else self.all_domain_students()
+            targets = self.pseudo_normal(feats, domain_ids, students)
+        self.global_student.train()
+        loss = global_student_loss(self.global_student(feats), feats, targets, self.objective)
+        _checked(loss, "aggregation (global student)")
+        self.global_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.global_optimizer.step()
+        return float(loss.detach())
+
+    def all_domain_students(self) -> list[nn.Module]:
+        missing = sorted(set(range(self.num_domains)) - set(self.domain_students))
+        if missing:
+            raise RuntimeError(f"this process does not hold domain students {missing}")
+        return [self.domain_students[k] for k in range(self.num_domains)]
+
+
+def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled batches; a trailing batch of one joins the previous one (BatchNorm needs two)."""
+    shuffled = indices[torch.randperm(len(indices), generator=generator)]
+    chunks = [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+StepHook = Callable[[str, int, torch.Tensor], None]
+
+
+def fit_in_process(
+    engine: CDDEngine,
+    images: torch.Tensor,
+    domains: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    teacher_cache: bool = False,
+    on_step: StepHook | None = None,
+) -> list[dict[str, float]]:
+    """Alternate DST and aggregation every epoch on in-memory images; returns per-epoch losses.
+
+    ``on_step(stage, domain, sample_indices)`` sees every batch, for tests and tracing.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cached = engine.teacher_features(images) if teacher_cache else None
+
+    def feats_of(index: torch.Tensor) -> Features | None:
+        return None if cached is None else [f[index] for f in cached]
+
+    history = []
+    all_indices = torch.arange(len(images))
+    for _ in range(epochs):
+        record: dict[str, float] = {}
+        for k in sorted(engine.domain_students):
+            losses = []
+            for index in batches(all_indices[domains == k], batch_size, generator):
+                if on_step:
+                    on_step("dst", k, index)
+                losses.append(engine.domain_step(k, images[index], feats_of(index)))
+            record[f"loss_domain_{k}"] = sum(losses) / max(1, len(losses))
+        losses = []
+        for index in batches(all_indices, batch_size, generator):
+            if on_step:
+                on_step("global", -1, index)
+            losses.append(engine.global_step(images[index], domains[index], teacher_feats=feats_of(index)))
+        record["loss_global"] = sum(losses) / len(losses)
+        history.append(record)
+    return history

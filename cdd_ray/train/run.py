@@ -1,0 +1,194 @@
+"""Driver of one CDD run on Ray: data, domain partition, TorchTrainer, evaluation, report.
+
+Example::
+
+    outcome = run_experiment(load_config("configs/demo.yaml"))
+    outcome.metrics["image_auroc"]
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchTrainer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cdd_ray.config import Config, config_to_dict
+from cdd_ray.data.domains import assign_domains, domain_report
+from cdd_ray.data.ray_data import domain_dataset, embeddings, read_split, with_domains
+from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
+from cdd_ray.evaluate.ray_eval import score_test_set
+from cdd_ray.evaluate.report import summarize, write_metrics, write_overlays
+from cdd_ray.ray_session import ensure_ray
+from cdd_ray.train.worker import plan_stages, train_loop_per_worker
+
+PROGRESS_FILE = "progress.jsonl"
+DOMAINS_FILE = "domains.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    checkpoint_dir: Path
+    metrics: dict
+    train_metrics: dict
+
+
+def run_name(config: Config, store_info: dict) -> str:
+    if config.name:
+        return config.name
+    noise = (store_info.get("contamination") or {}).get("ratio", 0.0)
+    method = "rd" if config.train.num_domains == 1 else f"cdd-k{config.train.num_domains}"
+    return f"{config.data.category or 'all'}-{method}-noise{noise:g}-seed{config.train.seed}"
+
+
+class ProgressFile(UserCallback):
+    """Runs in the Train controller: appends rank 0's report of each step to the run's progress file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as out:
+            out.write(json.dumps({**metrics[0], "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
+
+
+def _injected_flags(store: Path, sample_ids: list[str]) -> np.ndarray:
+    """For the domain report only: which training samples are injected anomalies."""
+    table = pq.read_table(store / SAMPLES_FILE, columns=["sample_id", "injected"], filters=[("split", "=", "train")])
+    flags = dict(zip(table["sample_id"].to_pylist(), table["injected"].to_pylist(), strict=True))
+    return np.asarray([bool(flags.get(sid, False)) for sid in sample_ids])
+
+
+def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Path) -> dict:
+    """Assign every training sample a domain; returns the manifest written to domains.json."""
+    if config.data.partition == "random" or config.train.num_domains == 1:
+        ids = [row["sample_id"] for row in dataset.select_columns(["sample_id"]).take_all()]
+        vectors = None
+    else:
+        ids, vectors = embeddings(dataset, config.teacher)
+    domains = assign_domains(
+        ids, config.data.partition, config.train.num_domains, config.train.seed, vectors, config.data.outlier_domains
+    )
+    order = np.argsort(np.asarray(ids, dtype=object).astype(str), kind="stable")
+    return {
+        "strategy": config.data.partition,
+        "num_domains": config.train.num_domains,
+        "seed": config.train.seed,
+        "assignment": {ids[i]: int(domains[i]) for i in order},
+        "report": domain_report(domains, _injected_flags(store, ids), config.train.num_domains),
+    }
+
+
+def _follow(progress_path: Path, total: int, done: threading.Event, console: Console) -> None:
+    seen = 0
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("training", total=total, info="starting workers")
+        while True:
+            finished = done.is_set()
+            lines = progress_path.read_text().splitlines() if progress_path.exists() else []
+            for line in lines[seen:]:
+                report = json.loads(line)
+                losses = " ".join(f"{k[5:]}={v:.4f}" for k, v in sorted(report.items()) if k.startswith("loss_"))
+                info = f"{losses} {report['images_per_second']:.1f} img/s"
+                progress.update(task, completed=report["step"],
+                                description=f"epoch {report['epoch']} [{report['stage']}]", info=info)
+            seen = len(lines)
+            if finished:
+                return
+            time.sleep(0.5)
+
+
+def train(config: Config, console: Console | None = None, trace_dir: str | None = None) -> tuple[Path, Path, dict]:
+    """Train one run; returns (run dir, checkpoint dir, last reported metrics)."""
+    console = console or Console()
+    store = Path(config.data.path).resolve()
+    store_info = check_store(store)
+    name = run_name(config, store_info)
+    storage = Path(config.ray.storage_path).resolve()
+    run_dir = storage / name
+    console.print(f"run directory: {run_dir}")
+    dashboard = ensure_ray()
+    if dashboard:
+        console.print(f"Ray dashboard: {dashboard}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    train_set = read_split(store, "train", config.data.category, config.data.image_size).materialize()
+    manifest = partition_training_set(config, train_set, store)
+    write_json(run_dir / DOMAINS_FILE, manifest)
+    train_set = with_domains(train_set, manifest["assignment"]).materialize()
+    datasets = {"train": train_set}
+    if config.train.num_domains > 1:
+        datasets |= {f"domain_{k}": domain_dataset(train_set, k).materialize() for k in range(config.train.num_domains)}
+
+    use_gpu = torch.cuda.is_available() if config.ray.use_gpu is None else config.ray.use_gpu
+    loop_config = {"config": config_to_dict(config), "domain_manifest": manifest, "trace_dir": trace_dir}
+    progress_path = run_dir / PROGRESS_FILE
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.ray.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=config.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[ProgressFile(str(progress_path))],
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    done = threading.Event()
+    follower = threading.Thread(
+        target=_follow, args=(progress_path, len(plan_stages(config)), done, console), daemon=True
+    )
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        follower.join()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} produced no checkpoint (see {run_dir})")
+    return run_dir, Path(result.checkpoint.path), dict(result.metrics or {})
+
+
+def evaluate(config: Config, run_dir: Path, checkpoint_dir: Path) -> dict:
+    """Score the test set, write metrics.json and overlays; returns the metrics."""
+    ensure_ray()
+    use_gpu = torch.cuda.is_available() if config.ray.use_gpu is None else config.ray.use_gpu
+    results = score_test_set(config, checkpoint_dir, use_gpu)
+    metrics = summarize(results, config.eval.fpr_limit)
+    metrics["checkpoint"] = str(checkpoint_dir)
+    write_metrics(run_dir / METRICS_FILE, metrics)
+    write_overlays(run_dir / "overlays", results, config.eval.overlays)
+    return metrics
+
+
+def run_experiment(config: Config, console: Console | None = None, trace_dir: str | None = None) -> RunOutcome:
+    run_dir, checkpoint_dir, train_metrics = train(config, console, trace_dir)
+    metrics = evaluate(config, run_dir, checkpoint_dir)
+    return RunOutcome(run_dir, checkpoint_dir, metrics, train_metrics)
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / "global.pt").is_file())
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint with global.pt; is this a cdd-ray run directory?")
+    return candidates[-1]
