@@ -157,9 +157,15 @@ def validate(config: Config) -> Config:
     _check(config.data.image_size >= 32, "data.image_size", "must be >= 32")
     _check(config.data.outlier_domains >= 1, "data.outlier_domains", "must be >= 1")
     _check(config.optim.lr > 0, "optim.lr", f"must be positive, got {config.optim.lr}")
-    _check(0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)")
+    _check(
+        0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)"
+    )
     _check(config.objective.loss_form in LOSS_FORMS, "objective.loss_form", f"must be one of {LOSS_FORMS}")
-    _check(config.objective.aggregation in AGGREGATIONS, "objective.aggregation", f"must be one of {AGGREGATIONS}")
+    _check(
+        config.objective.aggregation in AGGREGATIONS,
+        "objective.aggregation",
+        f"must be one of {AGGREGATIONS}",
+    )
     _check(config.objective.lambda_cross >= 0, "objective.lambda_cross", "must be >= 0")
     _check(config.objective.lambda_teacher >= 0, "objective.lambda_teacher", "must be >= 0")
     _check(

@@ -53,7 +53,9 @@ def plan_contamination(
     plan = ContaminationPlan(ratio, overlap, seed, resample)
     for category in sorted({e.category for e in entries}):
         normals = sum(1 for e in entries if e.category == category and e.split == "train" and e.label == 0)
-        pool = sorted(e.sample_id for e in entries if e.category == category and e.split == "test" and e.label == 1)
+        pool = sorted(
+            e.sample_id for e in entries if e.category == category and e.split == "test" and e.label == 1
+        )
         wanted = int(round(ratio * normals))
         rng = np.random.default_rng([seed, sum(category.encode())])
         if wanted > len(pool) and not resample:
@@ -70,7 +72,9 @@ def plan_contamination(
     return plan
 
 
-def augment(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+def augment(
+    image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Small rotation and translation, applied identically to image and mask."""
     angle = rng.uniform(-AUGMENT_MAX_DEGREES, AUGMENT_MAX_DEGREES)
     height, width = image.shape[:2]
@@ -101,7 +105,12 @@ def apply_contamination(entries: list[SourceEntry], plan: ContaminationPlan) -> 
             seen[sample_id] = copy + 1
             suffix = "@train" if copy == 0 else f"@train{copy}"
             result.append(
-                dataclasses.replace(by_id[sample_id], sample_id=sample_id + suffix, split="train", injected=True,
-                                    augment_seed=None if copy == 0 else copy)
+                dataclasses.replace(
+                    by_id[sample_id],
+                    sample_id=sample_id + suffix,
+                    split="train",
+                    injected=True,
+                    augment_seed=None if copy == 0 else copy,
+                )
             )
     return result

@@ -107,3 +107,20 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.shape == (size, size):
         return mask
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128
+
+
+def decode_images(blobs: list[bytes], names: list[str], size: int) -> np.ndarray:
+    """PNG bytes to a float32 (N, 3, size, size) array in [0, 1]."""
+    out = np.empty((len(blobs), 3, size, size), dtype=np.float32)
+    for index, (blob, name) in enumerate(zip(blobs, names, strict=True)):
+        out[index] = resize_image(decode_image(blob, name), size).transpose(2, 0, 1) / 255.0
+    return out
+
+
+def decode_masks(blobs: list[bytes | None], names: list[str], size: int) -> np.ndarray:
+    """PNG masks (None = all normal) to a uint8 (N, size, size) array of 0/1."""
+    out = np.zeros((len(blobs), size, size), dtype=np.uint8)
+    for index, (blob, name) in enumerate(zip(blobs, names, strict=True)):
+        if blob is not None:
+            out[index] = resize_mask(decode_mask(blob, name), size)
+    return out

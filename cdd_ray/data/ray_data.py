@@ -1,17 +1,18 @@
 """Ray Data pipelines: read the prepared store, decode and resize in map_batches, assign domains.
 
 The training dataset carries only ``sample_id``, ``image`` and ``domain``: no label, no ``injected``
-(FUAD trains without labels; a test checks the columns). Decoding runs in Ray Data tasks; embeddings
-for the ``cluster`` and ``outlier`` partitions run in an actor that holds the teacher.
+(FUAD trains without labels; a test checks the columns). Decoding runs in Ray Data tasks
+(``cdd_ray.data.batches``, torch-free); embeddings for the ``cluster`` and ``outlier`` partitions
+run in an actor that holds the teacher.
 
 Datasets are materialized before training starts, so that no lazy map_batches waits for CPUs that
 the train workers hold (it would hang on a 2-CPU machine).
 
 Example::
 
-    train = read_split(store, "train", category="weave", image_size=128)
-    domains = partition(train, config)            # numpy array aligned with sample ids
-    train = with_domains(train, dict(zip(ids, domains))).materialize()
+    train = read_split(store, "train", category="weave", image_size=128).materialize()
+    ids, vectors = embeddings(train, config.teacher)
+    train = with_domains(train, assignment).materialize()
 """
 
 from __future__ import annotations
@@ -19,34 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-import torch
 
-from cdd_ray.data.store import SAMPLES_FILE, check_store, decode_images, decode_masks
-from cdd_ray.models.teacher import TeacherConfig, build_teacher, pooled_embedding
+from cdd_ray.data.batches import add_domain, decode_batch, keep_domain
+from cdd_ray.data.store import SAMPLES_FILE, check_store
 
 TRAIN_READ_COLUMNS = ["sample_id", "category", "split", "image"]
 EVAL_READ_COLUMNS = ["sample_id", "category", "split", "label", "defect_type", "image", "mask"]
-
-
-def _decode_batch(table: pa.Table, split: str, category: str, image_size: int, evaluation: bool) -> dict:
-    keep = pc.equal(table["split"], split)
-    if category:
-        keep = pc.and_(keep, pc.equal(table["category"], category))
-    table = table.filter(keep)
-    ids = table["sample_id"].to_pylist()
-    out = {
-        "sample_id": np.asarray(ids, dtype=object),
-        "image": decode_images(table["image"].to_pylist(), ids, image_size),
-    }
-    if evaluation:
-        out["category"] = np.asarray(table["category"].to_pylist(), dtype=object)
-        out["label"] = np.asarray(table["label"].to_pylist(), dtype=np.int64)
-        out["defect_type"] = np.asarray(table["defect_type"].to_pylist(), dtype=object)
-        out["mask"] = decode_masks(table["mask"].to_pylist(), ids, image_size)
-    return out
 
 
 def read_split(store: Path, split: str, category: str, image_size: int) -> ray.data.Dataset:
@@ -56,7 +36,7 @@ def read_split(store: Path, split: str, category: str, image_size: int) -> ray.d
     columns = EVAL_READ_COLUMNS if evaluation else TRAIN_READ_COLUMNS
     dataset = ray.data.read_parquet(str(Path(store).resolve() / SAMPLES_FILE), columns=columns)
     return dataset.map_batches(
-        _decode_batch,
+        decode_batch,
         batch_format="pyarrow",
         fn_kwargs={"split": split, "category": category, "image_size": image_size, "evaluation": evaluation},
     )
@@ -66,15 +46,21 @@ class EmbedBatch:
     """Actor: pooled teacher embeddings of decoded images."""
 
     def __init__(self, teacher: dict):
+        from cdd_ray.models.teacher import TeacherConfig, build_teacher
+
         self.teacher = build_teacher(TeacherConfig(**teacher))
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from cdd_ray.models.teacher import pooled_embedding
+
         with torch.no_grad():
             features = self.teacher(torch.from_numpy(batch["image"]))
         return {"sample_id": batch["sample_id"], "embedding": pooled_embedding(features).numpy()}
 
 
-def embeddings(dataset: ray.data.Dataset, teacher: TeacherConfig) -> tuple[list[str], np.ndarray]:
+def embeddings(dataset: ray.data.Dataset, teacher: object) -> tuple[list[str], np.ndarray]:
     rows = dataset.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"teacher": vars(teacher)},
@@ -84,19 +70,9 @@ def embeddings(dataset: ray.data.Dataset, teacher: TeacherConfig) -> tuple[list[
     return [r["sample_id"] for r in rows], np.stack([r["embedding"] for r in rows])
 
 
-def _add_domain(batch: dict, assignment: dict[str, int]) -> dict:
-    batch["domain"] = np.asarray([assignment[sid] for sid in batch["sample_id"]], dtype=np.int64)
-    return batch
-
-
 def with_domains(dataset: ray.data.Dataset, assignment: dict[str, int]) -> ray.data.Dataset:
-    return dataset.map_batches(_add_domain, fn_kwargs={"assignment": assignment})
-
-
-def _keep_domain(batch: dict, domain: int) -> dict:
-    keep = batch["domain"] == domain
-    return {key: value[keep] for key, value in batch.items()}
+    return dataset.map_batches(add_domain, fn_kwargs={"assignment": assignment})
 
 
 def domain_dataset(dataset: ray.data.Dataset, domain: int) -> ray.data.Dataset:
-    return dataset.map_batches(_keep_domain, fn_kwargs={"domain": domain})
+    return dataset.map_batches(keep_domain, fn_kwargs={"domain": domain})

@@ -74,8 +74,14 @@ def _mvtec_category(root: Path, category: str) -> list[SourceEntry]:
                     raise SourceError(f"mask missing for anomalous image {path}: expected {mask}")
             entries.append(
                 SourceEntry(
-                    f"{category}/test/{defect}/{path.stem}", category, "test", int(defect != "good"),
-                    defect, str(path), image_path=path, mask_path=mask,
+                    f"{category}/test/{defect}/{path.stem}",
+                    category,
+                    "test",
+                    int(defect != "good"),
+                    defect,
+                    str(path),
+                    image_path=path,
+                    mask_path=mask,
                 )
             )
     return entries
@@ -97,8 +103,16 @@ def _visa_csv(root: Path, categories: list[str] | None) -> list[SourceEntry]:
             split = row["split"].strip().lower()
             defect = "anomaly" if label else "good"
             entries.append(
-                SourceEntry(f"{category}/{split}/{defect}/{image.stem}", category, split, label, defect,
-                            str(image), image_path=image, mask_path=mask)
+                SourceEntry(
+                    f"{category}/{split}/{defect}/{image.stem}",
+                    category,
+                    split,
+                    label,
+                    defect,
+                    str(image),
+                    image_path=image,
+                    mask_path=mask,
+                )
             )
     return entries
 
@@ -108,7 +122,9 @@ def _split_normals(paths: list[Path], test_fraction: float, seed: int) -> set[Pa
     return {paths[i] for i in order[: int(round(test_fraction * len(paths)))]}
 
 
-def _visa_folders(root: Path, categories: list[str] | None, test_fraction: float, seed: int) -> list[SourceEntry]:
+def _visa_folders(
+    root: Path, categories: list[str] | None, test_fraction: float, seed: int
+) -> list[SourceEntry]:
     entries = []
     found = sorted(d.name for d in root.iterdir() if (d / "Data" / "Images").is_dir())
     for category in categories or found:
@@ -116,21 +132,33 @@ def _visa_folders(root: Path, categories: list[str] | None, test_fraction: float
         if not images.is_dir():
             raise SourceError(f"{images}: missing (VisA layout needs <class>/Data/Images)")
         entries += _normal_abnormal(
-            category, _images_in(images / "Normal"), _images_in(images / "Anomaly"),
-            root / category / "Data" / "Masks" / "Anomaly", test_fraction, seed,
+            category,
+            _images_in(images / "Normal"),
+            _images_in(images / "Anomaly"),
+            root / category / "Data" / "Masks" / "Anomaly",
+            test_fraction,
+            seed,
         )
     return entries
 
 
 def _normal_abnormal(
-    category: str, normals: list[Path], abnormals: list[Path], mask_dir: Path | None, test_fraction: float, seed: int
+    category: str,
+    normals: list[Path],
+    abnormals: list[Path],
+    mask_dir: Path | None,
+    test_fraction: float,
+    seed: int,
 ) -> list[SourceEntry]:
     held_out = _split_normals(normals, test_fraction, seed)
     entries = []
     for path in normals:
         split = "test" if path in held_out else "train"
-        entries.append(SourceEntry(f"{category}/{split}/good/{path.stem}", category, split, 0, "good", str(path),
-                                   image_path=path))
+        entries.append(
+            SourceEntry(
+                f"{category}/{split}/good/{path.stem}", category, split, 0, "good", str(path), image_path=path
+            )
+        )
     for path in abnormals:
         mask = None
         if mask_dir is not None:
@@ -138,8 +166,18 @@ def _normal_abnormal(
             mask = next((c for c in candidates if c.is_file()), None)
             if mask is None:
                 raise SourceError(f"mask missing for anomalous image {path}: expected {candidates[0]}")
-        entries.append(SourceEntry(f"{category}/test/anomaly/{path.stem}", category, "test", 1, "anomaly",
-                                   str(path), image_path=path, mask_path=mask))
+        entries.append(
+            SourceEntry(
+                f"{category}/test/anomaly/{path.stem}",
+                category,
+                "test",
+                1,
+                "anomaly",
+                str(path),
+                image_path=path,
+                mask_path=mask,
+            )
+        )
     return entries
 
 
@@ -149,8 +187,16 @@ def _synthetic(config: SyntheticConfig, categories: list[str] | None) -> list[So
         for sample in generate_category(category, config):
             sample_id = f"{category}/{sample.split}/{sample.defect_type}/{sample.name}"
             entries.append(
-                SourceEntry(sample_id, category, sample.split, sample.label, sample.defect_type,
-                            f"synthetic:{sample_id}", pixels=sample.image, mask=sample.mask)
+                SourceEntry(
+                    sample_id,
+                    category,
+                    sample.split,
+                    sample.label,
+                    sample.defect_type,
+                    f"synthetic:{sample_id}",
+                    pixels=sample.image,
+                    mask=sample.mask,
+                )
             )
     return entries
 
@@ -182,8 +228,14 @@ def read_source(
         if abnormal_dir is None or not Path(abnormal_dir).is_dir():
             raise SourceError(f"folder source needs an abnormal dir; {abnormal_dir} does not exist")
         category = (categories or [root.name])[0]
-        entries = _normal_abnormal(category, _images_in(root), _images_in(Path(abnormal_dir)),
-                                   Path(mask_dir) if mask_dir else None, test_fraction, seed)
+        entries = _normal_abnormal(
+            category,
+            _images_in(root),
+            _images_in(Path(abnormal_dir)),
+            Path(mask_dir) if mask_dir else None,
+            test_fraction,
+            seed,
+        )
     else:
         raise SourceError(f"unknown source kind {kind!r}; choose from {SOURCE_KINDS}")
     if not entries:

@@ -8,12 +8,11 @@ Layout of a store directory::
     contamination.json   the injected sample ids per category (reused by a later prepare)
 
 Every file is written under a temporary name and renamed, so a crash leaves the old file or the new
-one. ``injected`` is for analysis only: training reads ``TRAINING_COLUMNS``, which leave it out.
+one. ``injected`` is for analysis only: the training reader (``ray_data.TRAIN_READ_COLUMNS``) leaves it out.
 
 Example::
 
     summary = write_store(entries, Path("data/synthetic"), source="synthetic")
-    table = read_table(Path("data/synthetic"), split="train", category="weave")
 """
 
 from __future__ import annotations
@@ -30,17 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cdd_ray.data.contamination import ContaminationPlan, augment
-from cdd_ray.data.images import (
-    BadImageError,
-    decode_image,
-    decode_mask,
-    encode_mask,
-    encode_png,
-    read_image,
-    read_mask,
-    resize_image,
-    resize_mask,
-)
+from cdd_ray.data.images import BadImageError, encode_mask, encode_png, read_image, read_mask
 from cdd_ray.data.sources import SourceEntry
 
 STORE_FORMAT_VERSION = 1
@@ -62,8 +51,6 @@ SCHEMA = pa.schema(
         ("injected", pa.bool_()),
     ]
 )
-TRAINING_COLUMNS = ["sample_id", "category", "split", "label", "image"]
-EVAL_COLUMNS = ["sample_id", "category", "split", "label", "defect_type", "image", "mask"]
 
 
 class StoreError(ValueError):
@@ -160,7 +147,9 @@ def write_store(
     summary = {
         "format_version": STORE_FORMAT_VERSION,
         "source": source,
-        "counts": {f"{c}/{s}/{'anomalous' if label else 'normal'}": n for (c, s, label), n in sorted(counts.items())},
+        "counts": {
+            f"{c}/{s}/{'anomalous' if label else 'normal'}": n for (c, s, label), n in sorted(counts.items())
+        },
         "contamination": plan.settings() if plan else None,
         "skipped": skipped,
     }
@@ -184,37 +173,13 @@ def check_store(store: Path) -> dict:
     store = Path(store)
     info_path = store / STORE_FILE
     if not (store / SAMPLES_FILE).is_file() or not info_path.is_file():
-        raise StoreError(f"{store} is not a prepared store (no {SAMPLES_FILE} / {STORE_FILE}); run `cdd-ray prepare`")
+        raise StoreError(
+            f"{store} is not a prepared store (no {SAMPLES_FILE} / {STORE_FILE}); run `cdd-ray prepare`"
+        )
     info = json.loads(info_path.read_text())
     if info.get("format_version") != STORE_FORMAT_VERSION:
         raise StoreError(
-            f"{info_path}: store format {info.get('format_version')} is not {STORE_FORMAT_VERSION}; prepare it again"
+            f"{info_path}: store format {info.get('format_version')} is not {STORE_FORMAT_VERSION}; "
+            "prepare it again"
         )
     return info
-
-
-def read_table(store: Path, split: str, category: str = "", columns: list[str] | None = None) -> pa.Table:
-    """Rows of one split (and category) of the store, without Ray."""
-    check_store(store)
-    filters = [("split", "=", split)] + ([("category", "=", category)] if category else [])
-    table = pq.read_table(Path(store) / SAMPLES_FILE, columns=columns, filters=filters)
-    if table.num_rows == 0:
-        raise StoreError(f"{store}: no {split} rows for category {category or '(any)'}")
-    return table
-
-
-def decode_images(blobs: list[bytes], names: list[str], size: int) -> np.ndarray:
-    """PNG bytes to a float32 (N, 3, size, size) array in [0, 1]."""
-    out = np.empty((len(blobs), 3, size, size), dtype=np.float32)
-    for index, (blob, name) in enumerate(zip(blobs, names, strict=True)):
-        out[index] = resize_image(decode_image(blob, name), size).transpose(2, 0, 1) / 255.0
-    return out
-
-
-def decode_masks(blobs: list[bytes | None], names: list[str], size: int) -> np.ndarray:
-    """PNG masks (None = all normal) to a uint8 (N, size, size) array of 0/1."""
-    out = np.zeros((len(blobs), size, size), dtype=np.uint8)
-    for index, (blob, name) in enumerate(zip(blobs, names, strict=True)):
-        if blob is not None:
-            out[index] = resize_mask(decode_mask(blob, name), size)
-    return out

@@ -216,16 +216,19 @@ def _foreign(rng: np.random.Generator, image: np.ndarray, category: str) -> tupl
     return out, mask
 
 
+def _changed(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The exact mask of an object defect: every pixel it altered."""
+    return np.abs(image - reference).max(axis=2) > 1e-6
+
+
 def _missing(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     index = int(rng.integers(len(scene.parts)))
-    mask = scene.parts[index]
     out = scene.image.copy()
-    out[mask] = scene.background[mask]
-    return out, mask
+    out[scene.parts[index]] = scene.background[scene.parts[index]]
+    return out, _changed(out, scene.image)
 
 
 def _misplaced(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    size = scene.image.shape[0]
     index = int(rng.integers(len(scene.parts)))
     old = scene.parts[index]
     out = scene.image.copy()
@@ -234,7 +237,7 @@ def _misplaced(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, np.n
     angle = rng.uniform(0, 2 * np.pi)
     dx, dy = rng.uniform(0.06, 0.12) * np.cos(angle), rng.uniform(0.06, 0.12) * np.sin(angle)
     moved = scene.redraw(out, cx + dx, cy + dy)
-    return moved, np.abs(moved - scene.image).max(axis=2) > 1e-6
+    return moved, _changed(moved, scene.image)
 
 
 def _render(

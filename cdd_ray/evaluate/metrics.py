@@ -100,7 +100,10 @@ def compute_metrics(
     fpr_limit: float = 0.3,
 ) -> dict[str, float]:
     """The five numbers we report: image/pixel AUROC, AUPRO, image/pixel F1-max."""
-    result = {"image_auroc": auroc(image_scores, image_labels), "image_f1_max": f1_max(image_scores, image_labels)}
+    result = {
+        "image_auroc": auroc(image_scores, image_labels),
+        "image_f1_max": f1_max(image_scores, image_labels),
+    }
     if maps is not None and masks is not None:
         pixel_labels = (np.asarray(masks) > 0).astype(np.uint8)
         result["pixel_auroc"] = auroc(maps, pixel_labels)

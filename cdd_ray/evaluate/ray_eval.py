@@ -2,7 +2,7 @@
 
 Example::
 
-    results = score_test_set(config, checkpoint_dir)      # arrays: sample_id, category, label, score, map, mask
+    results = score_test_set(config, checkpoint_dir)  # arrays: sample_id, label, score, map, mask, ...
     metrics = summarize(results, config.eval.fpr_limit)
 """
 
@@ -59,4 +59,3 @@ def score_test_set(config: Config, checkpoint_dir: Path, use_gpu: bool = False) 
     )
     parts = [b for b in scored.iter_batches(batch_size=None, batch_format="numpy") if len(b["sample_id"])]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-

@@ -15,8 +15,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cdd_ray.data.store import write_atomic, write_json
 from cdd_ray.data.images import encode_png
+from cdd_ray.data.store import write_atomic, write_json
 from cdd_ray.evaluate.metrics import compute_metrics
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -29,8 +29,10 @@ def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3) -> dict:
         rows = results["category"] == category
         has_pixels = results["mask"][rows].any()
         per_category[category] = compute_metrics(
-            results["score"][rows], results["label"][rows],
-            results["map"][rows] if has_pixels else None, results["mask"][rows] if has_pixels else None,
+            results["score"][rows],
+            results["label"][rows],
+            results["map"][rows] if has_pixels else None,
+            results["mask"][rows] if has_pixels else None,
             fpr_limit,
         )
     summary = {
@@ -47,7 +49,9 @@ def write_metrics(path: Path, metrics: dict) -> None:
     write_json(path, metrics)
 
 
-def print_metrics_table(runs: dict[str, dict], console: Console | None = None, title: str = "metrics") -> None:
+def print_metrics_table(
+    runs: dict[str, dict], console: Console | None = None, title: str = "metrics"
+) -> None:
     """One row per (run, category) and a mean row per run."""
     table = Table(title=title)
     table.add_column("run")
@@ -57,7 +61,9 @@ def print_metrics_table(runs: dict[str, dict], console: Console | None = None, t
     for name, metrics in runs.items():
         for category, values in metrics["per_category"].items():
             table.add_row(name, category, *[f"{values[k]:.4f}" if k in values else "-" for k in METRIC_KEYS])
-        table.add_row(name, "[bold]mean[/bold]", *[f"{metrics[k]:.4f}" if k in metrics else "-" for k in METRIC_KEYS])
+        table.add_row(
+            name, "[bold]mean[/bold]", *[f"{metrics[k]:.4f}" if k in metrics else "-" for k in METRIC_KEYS]
+        )
     (console or Console()).print(table)
 
 
@@ -74,7 +80,9 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None,
     rgb = (np.transpose(image, (1, 2, 0)) * 255).astype(np.uint8)
     heat = heatmap(anomaly_map / max(vmax, 1e-12))
     blended = (0.5 * rgb + 0.5 * heat).astype(np.uint8)
-    truth = np.zeros_like(rgb) if mask is None else np.repeat((mask > 0)[..., None] * 255, 3, 2).astype(np.uint8)
+    truth = (
+        np.zeros_like(rgb) if mask is None else np.repeat((mask > 0)[..., None] * 255, 3, 2).astype(np.uint8)
+    )
     return np.concatenate([rgb, blended, truth], axis=1)
 
 
@@ -97,4 +105,3 @@ def write_overlays(directory: Path, results: dict[str, np.ndarray], count: int) 
 
 def save_map_png(path: Path, anomaly_map: np.ndarray, vmax: float) -> None:
     write_atomic(path, encode_png(heatmap(anomaly_map / max(vmax, 1e-12))))
-

@@ -31,7 +31,9 @@ def score_images(
     device = next(student.parameters()).device
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
-        batch_maps, batch_scores = score_batch(teacher, student, images[start : start + batch_size].to(device), sigma)
+        batch_maps, batch_scores = score_batch(
+            teacher, student, images[start : start + batch_size].to(device), sigma
+        )
         maps.append(batch_maps.cpu())
         scores.append(batch_scores.cpu())
     return torch.cat(maps), torch.cat(scores)

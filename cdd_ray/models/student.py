@@ -117,7 +117,9 @@ class OCBE(nn.Module):
         super().__init__()
         c1, c2, c3 = spec.channels
         r1, r2, r3 = spec.reductions
-        self.fuse = nn.ModuleList([self._downsampler(c1, c3, _ratio(r3, r1)), self._downsampler(c2, c3, _ratio(r3, r2))])
+        self.fuse = nn.ModuleList(
+            [self._downsampler(c1, c3, _ratio(r3, r1)), self._downsampler(c2, c3, _ratio(r3, r2))]
+        )
         embedding = 2 * c3
         width = embedding // EXPANSION * spec.width_factor
         blocks = [Bottleneck(3 * c3, width, embedding, stride=2)]

@@ -47,7 +47,9 @@ def _load(path: Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     version = payload.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {version}, this cdd-ray reads {CHECKPOINT_FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format {version}, this cdd-ray reads {CHECKPOINT_FORMAT_VERSION}"
+        )
     return payload
 
 

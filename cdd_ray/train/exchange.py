@@ -50,3 +50,18 @@ def exchange_domain_students(
                 dist.broadcast(tensor, src=owner_of(k, world_size))
         students.append(student)
     return students
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over all ranks, in place.
+
+    DDP keeps parameters identical on every rank but lets each rank's forward passes update its
+    own running statistics; averaging them once per epoch gives every rank the same model, with
+    statistics that reflect the whole training set rather than one shard.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(dist.get_world_size())

@@ -61,12 +61,16 @@ class ProgressFile(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         with open(self.path, "a") as out:
-            out.write(json.dumps({**metrics[0], "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
+            out.write(
+                json.dumps({**metrics[0], "checkpoint": checkpoint.path if checkpoint else None}) + "\n"
+            )
 
 
 def _injected_flags(store: Path, sample_ids: list[str]) -> np.ndarray:
     """For the domain report only: which training samples are injected anomalies."""
-    table = pq.read_table(store / SAMPLES_FILE, columns=["sample_id", "injected"], filters=[("split", "=", "train")])
+    table = pq.read_table(
+        store / SAMPLES_FILE, columns=["sample_id", "injected"], filters=[("split", "=", "train")]
+    )
     flags = dict(zip(table["sample_id"].to_pylist(), table["injected"].to_pylist(), strict=True))
     return np.asarray([bool(flags.get(sid, False)) for sid in sample_ids])
 
@@ -79,7 +83,12 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
     else:
         ids, vectors = embeddings(dataset, config.teacher)
     domains = assign_domains(
-        ids, config.data.partition, config.train.num_domains, config.train.seed, vectors, config.data.outlier_domains
+        ids,
+        config.data.partition,
+        config.train.num_domains,
+        config.train.seed,
+        vectors,
+        config.data.outlier_domains,
     )
     order = np.argsort(np.asarray(ids, dtype=object).astype(str), kind="stable")
     return {
@@ -93,7 +102,12 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
 
 def _follow(progress_path: Path, total: int, done: threading.Event, console: Console) -> None:
     seen = 0
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("training", total=total, info="starting workers")
         while True:
@@ -101,17 +115,25 @@ def _follow(progress_path: Path, total: int, done: threading.Event, console: Con
             lines = progress_path.read_text().splitlines() if progress_path.exists() else []
             for line in lines[seen:]:
                 report = json.loads(line)
-                losses = " ".join(f"{k[5:]}={v:.4f}" for k, v in sorted(report.items()) if k.startswith("loss_"))
+                losses = " ".join(
+                    f"{k[5:]}={v:.4f}" for k, v in sorted(report.items()) if k.startswith("loss_")
+                )
                 info = f"{losses} {report['images_per_second']:.1f} img/s"
-                progress.update(task, completed=report["step"],
-                                description=f"epoch {report['epoch']} [{report['stage']}]", info=info)
+                progress.update(
+                    task,
+                    completed=report["step"],
+                    description=f"epoch {report['epoch']} [{report['stage']}]",
+                    info=info,
+                )
             seen = len(lines)
             if finished:
                 return
             time.sleep(0.5)
 
 
-def train(config: Config, console: Console | None = None, trace_dir: str | None = None) -> tuple[Path, Path, dict]:
+def train(
+    config: Config, console: Console | None = None, trace_dir: str | None = None
+) -> tuple[Path, Path, dict]:
     """Train one run; returns (run dir, checkpoint dir, last reported metrics)."""
     console = console or Console()
     store = Path(config.data.path).resolve()
@@ -131,7 +153,9 @@ def train(config: Config, console: Console | None = None, trace_dir: str | None 
     train_set = with_domains(train_set, manifest["assignment"]).materialize()
     datasets = {"train": train_set}
     if config.train.num_domains > 1:
-        datasets |= {f"domain_{k}": domain_dataset(train_set, k).materialize() for k in range(config.train.num_domains)}
+        datasets |= {
+            f"domain_{k}": domain_dataset(train_set, k).materialize() for k in range(config.train.num_domains)
+        }
 
     use_gpu = torch.cuda.is_available() if config.ray.use_gpu is None else config.ray.use_gpu
     loop_config = {"config": config_to_dict(config), "domain_manifest": manifest, "trace_dir": trace_dir}
@@ -181,7 +205,9 @@ def evaluate(config: Config, run_dir: Path, checkpoint_dir: Path) -> dict:
     return metrics
 
 
-def run_experiment(config: Config, console: Console | None = None, trace_dir: str | None = None) -> RunOutcome:
+def run_experiment(
+    config: Config, console: Console | None = None, trace_dir: str | None = None
+) -> RunOutcome:
     run_dir, checkpoint_dir, train_metrics = train(config, console, trace_dir)
     metrics = evaluate(config, run_dir, checkpoint_dir)
     return RunOutcome(run_dir, checkpoint_dir, metrics, train_metrics)

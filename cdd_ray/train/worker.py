@@ -34,7 +34,7 @@ from cdd_ray.models.student import student_spec
 from cdd_ray.models.teacher import build_teacher
 from cdd_ray.train.checkpoint import load_domains, load_global, save_domains, save_global, unwrap
 from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches
-from cdd_ray.train.exchange import exchange_domain_students, owned_domains
+from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
 
 
 class RankData:
@@ -59,7 +59,10 @@ class RankData:
         if not use_cache:
             return None
         if self.cache is None:
-            chunks = [engine.teacher_features(self.images[i : i + 64].to(self.device)) for i in range(0, len(self), 64)]
+            chunks = [
+                engine.teacher_features(self.images[i : i + 64].to(self.device))
+                for i in range(0, len(self), 64)
+            ]
             self.cache = [torch.cat([c[level] for c in chunks]) for level in range(len(chunks[0]))]
         return [level[index.to(self.device)] for level in self.cache]
 
@@ -120,7 +123,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     teacher = build_teacher(config.teacher).to(device)
     spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone)
     owned = owned_domains(num_domains, rank, world_size)
-    engine = CDDEngine.create(teacher, spec, num_domains, config.objective, config.optim, owned, config.train.seed)
+    engine = CDDEngine.create(
+        teacher, spec, num_domains, config.objective, config.optim, owned, config.train.seed
+    )
     engine.global_student.to(device)
     for student in engine.domain_students.values():
         student.to(device)
@@ -158,7 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for k in owned:
                     data, values = domain_data[k], []
                     for index in batches(torch.arange(len(data)), config.train.batch_size, generator):
-                        trace(step=step, stage="dst", domain=k, sample_ids=[data.sample_ids[i] for i in index])
+                        trace(
+                            step=step, stage="dst", domain=k, sample_ids=[data.sample_ids[i] for i in index]
+                        )
                         images = data.images[index].to(device)
                         values.append(engine.domain_step(k, images, data.features(engine, index, use_cache)))
                         images_seen += len(index)
@@ -167,19 +174,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if "global" in stage_names:
                 students = None
                 if num_domains > 1:
-                    students = exchange_domain_students(engine.domain_students, spec, num_domains, replicas, device)
+                    students = exchange_domain_students(
+                        engine.domain_students, spec, num_domains, replicas, device
+                    )
                 plan = batches(torch.arange(len(shard)), config.train.batch_size, generator)
                 steps = int(_all_reduce(len(plan), dist.ReduceOp.MIN))  # DDP needs equal step counts
                 values = []
                 for index in plan[:steps]:
-                    trace(step=step, stage="global", domain=-1, sample_ids=[shard.sample_ids[i] for i in index])
+                    trace(
+                        step=step, stage="global", domain=-1, sample_ids=[shard.sample_ids[i] for i in index]
+                    )
                     values.append(
                         engine.global_step(
-                            shard.images[index].to(device), shard.domains[index].to(device), students,
+                            shard.images[index].to(device),
+                            shard.domains[index].to(device),
+                            students,
                             shard.features(engine, index, use_cache),
                         )
                     )
                     images_seen += len(index)
+                average_buffers(unwrap(engine.global_student))
                 metrics["loss_global"] = _all_reduce(float(np.mean(values)) if values else 0.0) / world_size
                 trace(step=step, stage="digest", global_digest=_digest(engine.global_student))
         except NonFiniteLossError as error:
@@ -193,8 +207,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if (step + 1) % config.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
-                    save_global(directory, engine.global_student, engine.global_optimizer, step + 1,
-                                loop_config["config"], loop_config.get("domain_manifest"))
+                    save_global(
+                        directory,
+                        engine.global_student,
+                        engine.global_optimizer,
+                        step + 1,
+                        loop_config["config"],
+                        loop_config.get("domain_manifest"),
+                    )
                 save_domains(directory, rank, engine.domain_students, engine.domain_optimizers)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:

@@ -1,0 +1,171 @@
+"""The ``cdd-ray`` command line: prepare, train, evaluate, predict, demo.
+
+Examples::
+
+    cdd-ray prepare synthetic --out data/synthetic --noise-ratio 0.1
+    cdd-ray prepare mvtec /data/mvtec_ad --out data/mvtec --category bottle --noise-ratio 0.1
+    cdd-ray train --config sweeps/base.yaml data.path=data/synthetic data.category=weave train.num_domains=3
+    cdd-ray evaluate runs/weave-cdd-k3-noise0.1-seed0
+    cdd-ray predict runs/weave-cdd-k3-noise0.1-seed0 img1.png img2.png --out predictions
+    cdd-ray demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from cdd_ray.config import ConfigError, config_from_dict, load_config
+from cdd_ray.data.contamination import ContaminationError
+from cdd_ray.data.domains import PartitionError
+from cdd_ray.data.images import BadImageError, MaskMismatchError
+from cdd_ray.data.sources import SOURCE_KINDS, SourceError
+from cdd_ray.data.store import StoreError
+from cdd_ray.models.teacher import TeacherWeightsError
+from cdd_ray.train.checkpoint import CheckpointError
+
+USER_ERRORS = (
+    ConfigError,
+    ContaminationError,
+    PartitionError,
+    BadImageError,
+    MaskMismatchError,
+    SourceError,
+    StoreError,
+    TeacherWeightsError,
+    CheckpointError,
+    FileNotFoundError,
+)
+
+
+def _prepare(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.data.prepare import prepare
+    from cdd_ray.data.synthetic import SyntheticConfig
+
+    synthetic = None
+    if args.source == "synthetic":
+        synthetic = SyntheticConfig(image_size=args.image_size, seed=args.seed)
+    root = None if args.source == "synthetic" else Path(args.root or "")
+    summary = prepare(
+        args.source,
+        root,
+        Path(args.out),
+        args.category or None,
+        args.noise_ratio,
+        args.overlap,
+        args.seed,
+        args.resample,
+        args.skip_bad,
+        Path(args.abnormal) if args.abnormal else None,
+        Path(args.masks) if args.masks else None,
+        synthetic,
+    )
+    for key, count in summary["counts"].items():
+        console.print(f"{key}: {count}")
+    if summary["skipped"]:
+        console.print(f"[yellow]skipped {len(summary['skipped'])} bad files[/yellow]")
+        for message in summary["skipped"]:
+            console.print(f"  {message}")
+    console.print(f"store written to {Path(args.out).resolve()}")
+
+
+def _train(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.evaluate.report import print_metrics_table
+    from cdd_ray.train.run import run_experiment
+
+    config = load_config(args.config, args.overrides)
+    outcome = run_experiment(config, console)
+    print_metrics_table({outcome.run_dir.name: outcome.metrics}, console)
+    console.print(f"metrics: {outcome.run_dir / 'metrics.json'}")
+
+
+def _evaluate(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.evaluate.report import print_metrics_table
+    from cdd_ray.train.checkpoint import load_global
+    from cdd_ray.train.run import evaluate, latest_checkpoint
+
+    run_dir = Path(args.run_dir).resolve()
+    checkpoint = latest_checkpoint(run_dir)
+    config = config_from_dict(load_global(checkpoint)["config"])
+    metrics = evaluate(config, run_dir, checkpoint)
+    print_metrics_table({run_dir.name: metrics}, console)
+
+
+def _predict(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.evaluate.predict import predict_images
+    from cdd_ray.train.run import latest_checkpoint
+
+    rows = predict_images(
+        latest_checkpoint(Path(args.run_dir)), [Path(p) for p in args.images], Path(args.out)
+    )
+    for row in rows:
+        console.print(f"{row['image']}\t{row['score']:.5f}\t{row['map']}")
+
+
+def _demo(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, console=console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdd-ray", description="Cross-Domain Distillation for FUAD on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser(
+        "prepare", help="write a Parquet store from a dataset (with FUAD contamination)"
+    )
+    prep.add_argument("source", choices=SOURCE_KINDS)
+    prep.add_argument("root", nargs="?", help="dataset folder (normal images for 'folder')")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--category", action="append", help="category to keep (repeatable)")
+    prep.add_argument("--noise-ratio", type=float, default=0.0)
+    prep.add_argument("--overlap", action="store_true", help="keep injected anomalies in the test set too")
+    prep.add_argument("--resample", action="store_true", help="augmented copies when anomalies run short")
+    prep.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing"
+    )
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--abnormal", help="folder source: the abnormal images")
+    prep.add_argument("--masks", help="folder source: masks named like the abnormal images")
+    prep.add_argument("--image-size", type=int, default=128, help="synthetic source: image size")
+    prep.set_defaults(handler=_prepare)
+
+    train = commands.add_parser("train", help="train and evaluate one run (key=value overrides)")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_domains=3")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="score the test set with a run's last checkpoint")
+    evaluate.add_argument("run_dir")
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="scores and anomaly-map PNGs for new images")
+    predict.add_argument("run_dir")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--out", required=True)
+    predict.set_defaults(handler=_predict)
+
+    demo = commands.add_parser("demo", help="RD vs CDD on the synthetic benchmark with 10%% noise")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--quick", action="store_true", help="tiny images, sets and epochs (tests)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        args.handler(args, console)
+    except USER_ERRORS as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray per test session, tiny synthetic stores, tiny-model configs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before Ray starts: fast train reports, no dashboard, Ray's files out of the user's /tmp/ray.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ["CDD_RAY_DASHBOARD"] = "0"
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cddray"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_BACKBONE = "test_resnet"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from cdd_ray.ray_session import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """Synthetic store: 2 categories, 32 px, 10% noise."""
+    from cdd_ray.data.prepare import prepare
+    from cdd_ray.data.synthetic import SyntheticConfig
+
+    out = tmp_path_factory.mktemp("store")
+    synthetic = SyntheticConfig(image_size=32, train_normal=20, test_normal=6, test_anomalous=8)
+    prepare("synthetic", None, out, ["weave", "bolts"], noise_ratio=0.1, synthetic=synthetic)
+    return out
+
+
+def tiny_overrides(store: Path, storage: Path, **extra: object) -> list[str]:
+    """Config overrides for a run that takes seconds on 2 CPUs."""
+    values = {
+        "data.path": store,
+        "data.category": "weave",
+        "data.image_size": 32,
+        "teacher.backbone": TINY_BACKBONE,
+        "teacher.pretrained": "false",
+        "train.epochs": 1,
+        "train.batch_size": 4,
+        "ray.num_workers": 2,
+        "ray.cpus_per_worker": 0.5,
+        "ray.storage_path": storage,
+        "eval.overlays": 1,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from cdd_ray.evaluate.metrics import aupro, auroc, compute_metrics, f1_max
+
+
+def reference_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """Slow and obvious: a threshold at every distinct score, regions and FPR counted from scratch."""
+    regions = []
+    for index, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(index, labelled == r) for r in range(1, count + 1)]
+    normal = masks == 0
+    points = [(0.0, 0.0)]
+    for threshold in np.unique(maps)[::-1]:
+        above = maps >= threshold
+        fpr = (above & normal).sum() / normal.sum()
+        pro = np.mean([above[i][region].mean() for i, region in regions])
+        points.append((fpr, pro))
+    fpr, pro = np.array(points).T
+    grid = np.linspace(0, limit, 30001)
+    # PRO(FPR) is a step-free monotone curve here; sample it densely and integrate.
+    inside = fpr <= limit
+    x = np.append(fpr[inside], limit)
+    y = np.append(pro[inside], np.interp(limit, fpr, pro))
+    return float(np.trapezoid(np.interp(grid, x, y), grid) / limit)
+
+
+def random_case(seed: int, n: int = 4, size: int = 24, levels: int | None = None):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for index in range(n):
+        for _ in range(rng.integers(0, 3)):
+            r, c = rng.integers(0, size - 6, 2)
+            h, w = rng.integers(2, 7, 2)
+            masks[index, r : r + h, c : c + w] = 1
+    masks[0, 2:5, 2:5] = 1  # at least one region
+    maps = rng.random((n, size, size)) + 0.6 * masks
+    if levels:
+        maps = np.round(maps * levels) / levels  # many ties
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("levels", [None, 7])
+def test_aupro_matches_slow_reference(seed, levels):
+    maps, masks = random_case(seed, levels=levels)
+    assert aupro(maps, masks) == pytest.approx(reference_aupro(maps, masks), abs=1e-3)
+
+
+def test_aupro_structured_cases():
+    masks = np.zeros((2, 16, 16), dtype=np.uint8)
+    masks[0, 4:8, 4:8] = 1
+    perfect = masks.astype(float)
+    assert aupro(perfect, masks) == pytest.approx(1.0, abs=1e-9)
+    inverted = 1.0 - perfect
+    assert aupro(inverted, masks) == pytest.approx(0.0, abs=1e-9)
+    constant = np.zeros_like(perfect)  # one threshold: FPR jumps from 0 to 1
+    assert aupro(constant, masks) == pytest.approx(0.15, abs=1e-9)  # PRO = FPR line up to 0.3
+    assert aupro(constant, masks) == pytest.approx(reference_aupro(constant, masks), abs=1e-3)
+
+
+def test_aupro_weights_every_region_equally():
+    masks = np.zeros((1, 20, 20), dtype=np.uint8)
+    masks[0, 0:2, 0:2] = 1  # small region, found
+    masks[0, 10:20, 10:20] = 1  # large region, missed
+    maps = np.zeros((1, 20, 20))
+    maps[0, 0:2, 0:2] = 1.0
+    # At FPR 0 the PRO is 0.5 (one of two regions); pixel-weighted overlap would give 4/104.
+    assert aupro(maps, masks) > 0.5
+
+
+def test_aupro_needs_anomalous_pixels():
+    with pytest.raises(ValueError, match="anomalous pixel"):
+        aupro(np.random.rand(2, 8, 8), np.zeros((2, 8, 8)))
+
+
+def test_aupro_never_exceeds_one():
+    for seed in range(5):
+        maps, masks = random_case(seed, levels=3)
+        assert 0.0 <= aupro(maps, masks) <= 1.0
+
+
+def test_auroc_and_f1_max():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.random(200) + labels * 0.5
+    assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    thresholds = np.unique(scores)
+    best = 0.0
+    for t in thresholds:
+        predicted = scores >= t
+        tp = (predicted & (labels == 1)).sum()
+        precision, recall = tp / predicted.sum(), tp / (labels == 1).sum()
+        best = max(best, 0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    assert f1_max(scores, labels) == pytest.approx(best)
+    with pytest.raises(ValueError, match="both normal"):
+        auroc(scores, np.ones(200))
+
+
+def test_compute_metrics_keys():
+    maps, masks = random_case(1)
+    labels = masks.reshape(len(masks), -1).max(1)
+    labels[-1] = 0 if labels.all() else labels[-1]
+    result = compute_metrics(maps.reshape(len(maps), -1).max(1), np.r_[1, 0, 1, 0], maps, masks)
+    assert set(result) == {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"}

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from cdd_ray.models.student import Student, build_student, student_spec
+from tests.models.test_teacher import random_teacher
+
+BACKBONES = [("test_resnet", 32), ("test_efficientnet", 32), ("resnet18", 64), ("tf_efficientnet_lite0", 64)]
+
+
+@pytest.mark.parametrize(("backbone", "size"), BACKBONES)
+def test_student_reconstructs_teacher_shapes_and_trains_everywhere(backbone, size):
+    teacher = random_teacher(backbone)
+    student = build_student(teacher.channels, teacher.reductions, backbone)
+    features = teacher(torch.rand(2, 3, size, size))
+    outputs = student(features)
+    assert [o.shape for o in outputs] == [f.shape for f in features]
+    assert all(torch.isfinite(o).all() for o in outputs)
+    sum(o.mean() for o in outputs).backward()
+    missing = [n for n, p in student.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no gradient for {missing[:5]}"
+
+
+def test_wide_resnet50_student_follows_rd4ad():
+    spec = student_spec([256, 512, 1024], [4, 8, 16], "wide_resnet50_2")
+    student = Student(spec)
+    assert student.bottleneck.out_channels == 2048
+    first = student.bottleneck.embed[0]
+    assert first.body[0][0].in_channels == 3072 and first.body[1][0].stride == (2, 2)
+    assert first.body[1][0].out_channels == 1024  # wide: bottleneck width 2 x 512
+    assert [len(stage) for stage in student.decoder.stages] == [3, 4, 6]
+    features = [torch.rand(1, 256, 16, 16), torch.rand(1, 512, 8, 8), torch.rand(1, 1024, 4, 4)]
+    with torch.no_grad():
+        embedding = student.bottleneck(features)
+        outputs = student.decoder(embedding)
+    assert embedding.shape == (1, 2048, 2, 2)
+    assert [tuple(o.shape[1:]) for o in outputs] == [(256, 16, 16), (512, 8, 8), (1024, 4, 4)]
+
+
+def test_reductions_must_double():
+    with pytest.raises(ValueError, match="powers of two"):
+        Student(student_spec([8, 16, 32], [4, 12, 16]))

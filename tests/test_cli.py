@@ -1,0 +1,44 @@
+import json
+
+from cdd_ray.cli import main
+
+
+def test_bad_override_exits_non_zero_with_the_key(capsys):
+    assert main(["train", "train.num_domains=-1"]) == 2
+    assert "train.num_domains" in capsys.readouterr().out
+
+
+def test_train_on_a_missing_store_names_it(tmp_path, capsys):
+    assert main(["train", f"data.path={tmp_path / 'nothing'}"]) == 2
+    assert "not a prepared store" in capsys.readouterr().out
+
+
+def test_prepare_synthetic_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "store"
+    assert (
+        main(
+            [
+                "prepare",
+                "synthetic",
+                "--out",
+                str(out),
+                "--category",
+                "pill",
+                "--image-size",
+                "32",
+                "--noise-ratio",
+                "0.1",
+            ]
+        )
+        == 0
+    )
+    info = json.loads((out / "store.json").read_text())
+    assert info["counts"]["pill/train/anomalous"] == 6 and info["contamination"]["ratio"] == 0.1
+
+
+def test_demo_quick_writes_demo_json(ray_session, tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    for method in ("rd", "cdd"):
+        assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"} <= set(result[method])
+        assert set(result[method]["per_category"]) == {"weave"}

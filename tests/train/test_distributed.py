@@ -1,0 +1,119 @@
+"""Ray Train runs on 2 CPU workers: domain isolation, rank agreement, checkpoints, resume."""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from cdd_ray.config import load_config
+from cdd_ray.train.checkpoint import load_domains, load_global
+from cdd_ray.train.run import DOMAINS_FILE, PROGRESS_FILE, evaluate, latest_checkpoint, train
+from tests.conftest import tiny_overrides
+
+
+def read_trace(trace_dir: Path) -> list[dict]:
+    events = []
+    for path in sorted(trace_dir.glob("rank*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines()]
+    return events
+
+
+def check_domain_isolation(events: list[dict], assignment: dict[str, int]) -> None:
+    dst = [e for e in events if e["stage"] == "dst"]
+    assert dst, "no DST batches were traced"
+    seen = defaultdict(set)
+    for event in dst:
+        for sid in event["sample_ids"]:
+            assert assignment[sid] == event["domain"], (
+                f"{sid} of domain {assignment[sid]} trained student {event['domain']}"
+            )
+            seen[event["domain"]].add(sid)
+    for domain, ids in seen.items():
+        assert ids == {sid for sid, k in assignment.items() if k == domain}, f"domain {domain} missed samples"
+
+
+def check_ranks_agree(events: list[dict], world_size: int) -> None:
+    digests = defaultdict(dict)
+    for event in events:
+        if event["stage"] == "digest":
+            digests[event["step"]][event["rank"]] = event["global_digest"]
+    assert digests, "no digests were traced"
+    for step, by_rank in digests.items():
+        assert len(by_rank) == world_size and len(set(by_rank.values())) == 1, (
+            f"ranks disagree after step {step}"
+        )
+
+
+def train_traced(config, tmp_path: Path, label: str):
+    trace = tmp_path / f"trace-{label}"
+    trace.mkdir()
+    run_dir, checkpoint, metrics = train(config, trace_dir=str(trace))
+    return run_dir, checkpoint, metrics, read_trace(trace)
+
+
+def check_run(config, run_dir: Path, checkpoint: Path, metrics: dict, events: list[dict]) -> None:
+    num_domains = config.train.num_domains
+    manifest = json.loads((run_dir / DOMAINS_FILE).read_text())
+    assert sorted(set(manifest["assignment"].values())) == list(range(num_domains))
+    check_domain_isolation(events, manifest["assignment"])
+    check_ranks_agree(events, world_size=2)
+    # The ranks' global shards together cover the training set once per epoch (DDP may drop a tail).
+    global_ids = [sid for e in events if e["stage"] == "global" for sid in e["sample_ids"]]
+    assert len(global_ids) == len(set(global_ids)) <= len(manifest["assignment"])
+    assert len(global_ids) >= len(manifest["assignment"]) - 2 * config.train.batch_size
+    reported = {
+        key for line in (run_dir / PROGRESS_FILE).read_text().splitlines() for key in json.loads(line)
+    }
+    assert {f"loss_domain_{k}" for k in range(num_domains)} | {"loss_global", "images_per_second"} <= reported
+    assert metrics["epoch"] == config.train.epochs
+    # The checkpoint holds the global student and every domain student; it round-trips.
+    state = load_global(checkpoint)
+    assert state["config"]["train"]["num_domains"] == num_domains
+    students, optimizers = load_domains(checkpoint)
+    assert sorted(students) == sorted(optimizers) == list(range(num_domains))
+    assert state["domain_manifest"]["assignment"] == manifest["assignment"]
+    assert torch.isfinite(next(iter(state["global_student"].values()))).all()
+
+
+def test_sequential_k2_domain_isolation_and_rank_agreement(ray_session, tiny_store, tmp_path):
+    overrides = {"train.num_domains": 2, "train.schedule": "sequential", "name": "seq"}
+    config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
+    run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq")
+    check_run(config, run_dir, checkpoint, metrics, events)
+    stages = {e["step"]: e["stage"] for e in events if e["stage"] in ("dst", "global")}
+    assert stages == {0: "dst", 1: "global"}, "sequential: all DST epochs first, then aggregation"
+    assert load_global(checkpoint)["epoch"] == 2
+
+
+def test_training_batches_carry_no_labels(ray_session, tiny_store):
+    from cdd_ray.data.ray_data import read_split
+
+    batch = read_split(tiny_store, "train", "weave", 32).take_batch(4)
+    assert set(batch) == {"sample_id", "image"}
+    assert batch["image"].shape == (4, 3, 32, 32)
+
+
+def test_k3_round_robin_then_same_name_resumes_at_the_next_epoch(ray_session, tiny_store, tmp_path):
+    storage = tmp_path / "runs"
+    overrides = {"name": "resume", "train.num_domains": 3, "train.epochs": 1}
+    first = load_config(None, tiny_overrides(tiny_store, storage, **overrides))
+    run_dir, checkpoint, metrics, events = train_traced(first, tmp_path, "first")
+    check_run(first, run_dir, checkpoint, metrics, events)
+    assert {e["rank"] for e in events if e["stage"] == "dst" and e["domain"] == 2} == {0}  # 2 mod 2 workers
+    assert load_global(checkpoint)["epoch"] == 1
+
+    second = load_config(None, tiny_overrides(tiny_store, storage, **{**overrides, "train.epochs": 2}))
+    _, resumed, metrics, events = train_traced(second, tmp_path, "second")
+    steps = {e["step"] for e in events}
+    assert steps == {1}, f"the resumed run re-ran steps {sorted(steps)}"
+    assert load_global(resumed)["epoch"] == 2 and metrics["epoch"] == 2
+    assert latest_checkpoint(run_dir) == resumed
+    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in reports] == [1, 2]
+
+    metrics = evaluate(second, run_dir, resumed)
+    assert set(metrics["per_category"]) == {"weave"}
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["aupro"] <= 1.0
+    assert json.loads((run_dir / "metrics.json").read_text())["image_auroc"] == metrics["image_auroc"]
+    assert len(list((run_dir / "overlays").glob("*.png"))) == 2

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from cdd_ray.models.losses import ObjectiveConfig
+from cdd_ray.models.student import student_spec
+from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, OptimConfig, batches, fit_in_process
+from tests.models.test_teacher import random_teacher
+
+
+def make_engine(num_domains: int = 2, **objective):
+    teacher = random_teacher()
+    spec = student_spec(teacher.channels, teacher.reductions)
+    return CDDEngine.create(teacher, spec, num_domains, ObjectiveConfig(**objective), OptimConfig(), seed=3)
+
+
+def weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_in_process_training_is_deterministic():
+    images = torch.rand(12, 3, 32, 32)
+    domains = torch.tensor([0, 1, 2] * 4)
+    runs = []
+    for _ in range(2):
+        engine = make_engine(3, gating=True)
+        history = fit_in_process(engine, images, domains, epochs=2, batch_size=4, seed=1)
+        runs.append((history, weights(engine.global_student)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, runs[1][1][k]) for k, a in runs[0][1].items())
+
+
+def test_dst_step_touches_only_its_own_student_and_global_step_only_the_global_one():
+    engine = make_engine(2)
+    images = torch.rand(4, 3, 32, 32)
+    before = {k: weights(s) for k, s in engine.domain_students.items()}
+    global_before = weights(engine.global_student)
+    engine.domain_step(1, images)
+    assert all(torch.equal(v, before[0][k]) for k, v in engine.domain_students[0].state_dict().items())
+    assert any(not torch.equal(v, before[1][k]) for k, v in engine.domain_students[1].state_dict().items())
+    assert all(torch.equal(v, global_before[k]) for k, v in engine.global_student.state_dict().items())
+    after_dst = {k: weights(s) for k, s in engine.domain_students.items()}
+    engine.global_step(images, torch.tensor([0, 1, 0, 1]))
+    for domain, student in engine.domain_students.items():
+        assert all(torch.equal(v, after_dst[domain][k]) for k, v in student.state_dict().items())
+
+
+def test_step_hook_sees_domain_batches_only_from_their_domain():
+    engine = make_engine(2)
+    domains = torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])
+    seen = []
+    fit_in_process(
+        engine,
+        torch.rand(8, 3, 32, 32),
+        domains,
+        epochs=1,
+        batch_size=2,
+        on_step=lambda stage, k, index: seen.append((stage, k, index.tolist())),
+    )
+    for stage, k, index in seen:
+        if stage == "dst":
+            assert all(int(domains[i]) == k for i in index)
+    assert sorted(i for stage, _, index in seen if stage == "global" for i in index) == list(range(8))
+
+
+def test_teacher_cache_gives_the_same_training():
+    images, domains = torch.rand(8, 3, 32, 32), torch.tensor([0, 1] * 4)
+    cached, plain = make_engine(2), make_engine(2)
+    fit_in_process(cached, images, domains, epochs=1, batch_size=4, teacher_cache=True)
+    fit_in_process(plain, images, domains, epochs=1, batch_size=4, teacher_cache=False)
+    for key, value in cached.global_student.state_dict().items():
+        assert torch.allclose(value, plain.global_student.state_dict()[key], atol=1e-6)
+
+
+def test_non_finite_loss_names_the_stage_and_domain():
+    engine = make_engine(2)
+    images = torch.rand(4, 3, 32, 32)
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="DST of domain 1"):
+        engine.domain_step(1, images)
+
+
+def test_batches_never_leave_a_single_sample():
+    sizes = [len(b) for b in batches(torch.arange(9), 4, torch.Generator().manual_seed(0))]
+    assert sizes == [4, 5] and all(s > 1 for s in sizes)
