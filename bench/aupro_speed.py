@@ -65,7 +65,8 @@ def main() -> None:
     started = time.perf_counter()
     reference = reference_grid_aupro(maps, masks, args.thresholds)
     reference_s = time.perf_counter() - started
-    print(f"machine: {platform.processor() or platform.machine()}, {args.maps} maps of {args.size}x{args.size}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {args.maps} maps of {args.size}x{args.size}")
     print(f"cdd-ray exact AUPRO:      {ours:.5f} in {ours_s:.2f} s")
     print(f"reference ({args.thresholds} thresholds): {reference:.5f} in {reference_s:.2f} s")
     print(f"speed-up: {reference_s / ours_s:.1f}x, |difference|: {abs(ours - reference):.2e}")

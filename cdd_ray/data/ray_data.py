@@ -34,7 +34,7 @@ def read_split(store: Path, split: str, category: str, image_size: int) -> ray.d
     check_store(store)
     evaluation = split != "train"
     columns = EVAL_READ_COLUMNS if evaluation else TRAIN_READ_COLUMNS
-    dataset = ray.data.read_parquet(str(Path(store).resolve() / SAMPLES_FILE), columns=columns)
+    dataset = ray.data.read_parquet(str(Path(store).resolve() / SAMPLES_FILE)).select_columns(columns)
     return dataset.map_batches(
         decode_batch,
         batch_format="pyarrow",

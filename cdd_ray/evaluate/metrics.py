@@ -56,7 +56,7 @@ def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FPR and PRO at every distinct threshold, from the highest score down, starting at (0, 0)."""
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = np.asarray(maps)
     masks = np.asarray(masks)
     if maps.shape != masks.shape or maps.ndim != 3:
         raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be (N, H, W)")
@@ -68,12 +68,14 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise ValueError("AUPRO needs at least one normal pixel in the masks")
     region_ids = regions.ravel()
     region_sizes = np.bincount(region_ids, minlength=region_count + 1).astype(np.float64)
-    per_pixel_pro = np.where(region_ids > 0, 1.0 / (region_sizes[region_ids] * region_count), 0.0)
-    per_pixel_fpr = np.where(region_ids == 0, 1.0 / normal_count, 0.0)
-    order = np.argsort(-maps.ravel(), kind="stable")
-    sorted_scores = maps.ravel()[order]
-    fpr = np.cumsum(per_pixel_fpr[order])
-    pro = np.cumsum(per_pixel_pro[order])
+    pro_weight = np.zeros(region_count + 1)
+    pro_weight[1:] = 1.0 / (region_sizes[1:] * region_count)
+    scores = maps.ravel()
+    order = np.argsort(scores)[::-1]  # descending; the order inside a tie does not matter
+    sorted_scores = scores[order]
+    sorted_regions = region_ids[order]
+    fpr = np.cumsum(sorted_regions == 0) / normal_count
+    pro = np.cumsum(pro_weight[sorted_regions])
     last_of_tie = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
     return np.concatenate([[0.0], fpr[last_of_tie]]), np.concatenate([[0.0], pro[last_of_tie]])
 

@@ -14,7 +14,9 @@ from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 from tests.conftest import TINY_BACKBONE
 
 
-def random_teacher(backbone: str = TINY_BACKBONE):
+def random_teacher(backbone: str = TINY_BACKBONE, seed: int = 0):
+    """A random (seeded, so repeatable) teacher: tests need no pretrained weights."""
+    torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return build_teacher(TeacherConfig(backbone=backbone, pretrained=False))
