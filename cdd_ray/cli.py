@@ -1,4 +1,4 @@
-"""The ``cdd-ray`` command line: prepare, train, evaluate, predict, demo.
+"""The ``cdd-ray`` command line: prepare, train, evaluate, predict, sweep, grid, demo.
 
 Examples::
 
@@ -7,6 +7,8 @@ Examples::
     cdd-ray train --config sweeps/base.yaml data.path=data/synthetic data.category=weave train.num_domains=3
     cdd-ray evaluate runs/weave-cdd-k3-noise0.1-seed0
     cdd-ray predict runs/weave-cdd-k3-noise0.1-seed0 img1.png img2.png --out predictions
+    cdd-ray sweep sweeps/domains_and_weights.yaml data.path=data/synthetic
+    cdd-ray grid sweeps/fuad_grid.yaml
     cdd-ray demo
 """
 
@@ -105,6 +107,21 @@ def _predict(args: argparse.Namespace, console: Console) -> None:
         console.print(f"{row['image']}\t{row['score']:.5f}\t{row['map']}")
 
 
+def _sweep(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.tune.spec import load_sweep
+    from cdd_ray.tune.sweep import run_sweep
+
+    outcome = run_sweep(load_sweep(Path(args.spec), args.overrides), resume=args.resume, console=console)
+    console.print(f"trials: {outcome['sweep_dir'] / 'trials.parquet'} and trials.csv")
+
+
+def _grid(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.tune.grid import load_grid, run_grid
+
+    outcome = run_grid(load_grid(Path(args.spec), args.overrides), resume=args.resume, console=console)
+    console.print(f"summary: {outcome['summary_markdown']}")
+
+
 def _demo(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.demo import run_demo
 
@@ -148,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+")
     predict.add_argument("--out", required=True)
     predict.set_defaults(handler=_predict)
+
+    sweep = commands.add_parser("sweep", help="Ray Tune over domain count and loss weights")
+    sweep.add_argument("spec", help="sweep YAML, e.g. sweeps/domains_and_weights.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides of the trials' run config")
+    sweep.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    sweep.set_defaults(handler=_sweep)
+
+    grid = commands.add_parser("grid", help="category x noise x overlap x seed x method benchmark grid")
+    grid.add_argument("spec", help="grid YAML, e.g. sweeps/fuad_grid.yaml")
+    grid.add_argument("overrides", nargs="*", help="dotted overrides of the trials' run config")
+    grid.add_argument("--resume", action="store_true", help="finish an interrupted grid")
+    grid.set_defaults(handler=_grid)
 
     demo = commands.add_parser("demo", help="RD vs CDD on the synthetic benchmark with 10%% noise")
     demo.add_argument("--out", default="demo_out")

@@ -37,6 +37,7 @@ class DataConfig:
     image_size: int = 128
     partition: str = "random"
     outlier_domains: int = 1
+    holdout_fraction: float = 0.0
 
 
 @dataclass
@@ -65,6 +66,8 @@ class EvalConfig:
     sigma: float = 4.0
     fpr_limit: float = 0.3
     overlays: int = 4
+    proxy_trim: float = 0.1
+    score_test: bool = True
 
 
 @dataclass
@@ -156,6 +159,7 @@ def validate(config: Config) -> Config:
     _check(config.data.partition in PARTITIONS, "data.partition", f"must be one of {PARTITIONS}")
     _check(config.data.image_size >= 32, "data.image_size", "must be >= 32")
     _check(config.data.outlier_domains >= 1, "data.outlier_domains", "must be >= 1")
+    _check(0 <= config.data.holdout_fraction < 0.5, "data.holdout_fraction", "must lie in [0, 0.5)")
     _check(config.optim.lr > 0, "optim.lr", f"must be positive, got {config.optim.lr}")
     _check(
         0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)"
@@ -173,12 +177,18 @@ def validate(config: Config) -> Config:
         "objective.lambda_cross/lambda_teacher",
         "cannot both be 0",
     )
+    _check(
+        config.train.num_domains > 1 or config.objective.lambda_teacher > 0,
+        "objective.lambda_teacher",
+        "must be > 0 when train.num_domains=1 (plain RD has no cross-domain term)",
+    )
     _check(config.objective.gating_temperature > 0, "objective.gating_temperature", "must be positive")
     _check(config.ray.num_workers >= 0, "ray.num_workers", "must be >= 0 (0 runs in the driver)")
     _check(config.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be positive")
     _check(config.ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
     _check(config.eval.sigma >= 0, "eval.sigma", "must be >= 0")
     _check(0 < config.eval.fpr_limit <= 1, "eval.fpr_limit", "must lie in (0, 1]")
+    _check(0 <= config.eval.proxy_trim < 1, "eval.proxy_trim", "must lie in [0, 1)")
     return config
 
 
@@ -196,6 +206,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = Config()
     _apply(config, values)
     return validate(config)
+
+
+def with_overrides(config: Config, overrides: list[str]) -> Config:
+    """A copy of ``config`` with dotted overrides applied and validated."""
+    updated = config_from_dict(config_to_dict(config))
+    _apply(updated, parse_overrides(overrides))
+    return validate(updated)
+
+
+def absolute_paths(config: Config) -> Config:
+    """Resolve the paths a run reads and writes, for processes with another working directory."""
+    if config.data.path:
+        config.data.path = str(Path(config.data.path).resolve())
+    config.ray.storage_path = str(Path(config.ray.storage_path).resolve())
+    return config
 
 
 def config_to_dict(config: Config) -> dict:

@@ -40,3 +40,9 @@ def add_domain(batch: dict, assignment: dict[str, int]) -> dict:
 def keep_domain(batch: dict, domain: int) -> dict:
     keep = batch["domain"] == domain
     return {key: value[keep] for key, value in batch.items()}
+
+
+def keep_assigned(batch: dict) -> dict:
+    """Drop held-out rows (domain < 0) from a training batch."""
+    keep = batch["domain"] >= 0
+    return {key: value[keep] for key, value in batch.items()}

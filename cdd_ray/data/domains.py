@@ -23,6 +23,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 STRATEGIES = ("random", "cluster", "outlier")
+HOLDOUT = -1  # the domain id of held-out training images (label-free validation, never trained on)
 
 
 class PartitionError(ValueError):
@@ -33,6 +34,13 @@ def _order(sample_ids: list[str], seed: int) -> np.ndarray:
     """A seeded permutation that depends on the ids, not on the order rows arrived in."""
     canonical = np.argsort(np.asarray(sample_ids, dtype=object).astype(str), kind="stable")
     return canonical[np.random.default_rng(seed).permutation(len(sample_ids))]
+
+
+def holdout_mask(sample_ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """A seeded share of the (noisy, unlabeled) training set kept out of training, for a proxy metric."""
+    mask = np.zeros(len(sample_ids), dtype=bool)
+    mask[_order(sample_ids, seed + 7919)[: int(round(fraction * len(sample_ids)))]] = True
+    return mask
 
 
 def random_partition(sample_ids: list[str], num_domains: int, seed: int) -> np.ndarray:

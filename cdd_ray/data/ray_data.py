@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from cdd_ray.data.batches import add_domain, decode_batch, keep_domain
+from cdd_ray.data.batches import add_domain, decode_batch, keep_assigned, keep_domain
 from cdd_ray.data.store import SAMPLES_FILE, check_store
 
 TRAIN_READ_COLUMNS = ["sample_id", "category", "split", "image"]
@@ -71,7 +71,15 @@ def embeddings(dataset: ray.data.Dataset, teacher: object) -> tuple[list[str], n
 
 
 def with_domains(dataset: ray.data.Dataset, assignment: dict[str, int]) -> ray.data.Dataset:
-    return dataset.map_batches(add_domain, fn_kwargs={"assignment": assignment})
+    """Tag rows with their domain; held-out rows (domain -1) are left out."""
+    return dataset.map_batches(add_domain, fn_kwargs={"assignment": assignment}).map_batches(keep_assigned)
+
+
+def holdout_dataset(dataset: ray.data.Dataset, assignment: dict[str, int]) -> ray.data.Dataset:
+    """Only the held-out rows of a decoded training dataset."""
+    return dataset.map_batches(add_domain, fn_kwargs={"assignment": assignment}).map_batches(
+        keep_domain, fn_kwargs={"domain": -1}
+    )
 
 
 def domain_dataset(dataset: ray.data.Dataset, domain: int) -> ray.data.Dataset:

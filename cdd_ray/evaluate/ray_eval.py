@@ -49,7 +49,11 @@ class ScoreBatch:
 
 
 def score_test_set(config: Config, checkpoint_dir: Path, use_gpu: bool = False) -> dict[str, np.ndarray]:
-    dataset = read_split(Path(config.data.path), "test", config.data.category, config.data.image_size)
+    # Decode first: an actor holding a CPU while read tasks wait for one deadlocks when several
+    # trials evaluate at once on a small machine.
+    dataset = read_split(
+        Path(config.data.path), "test", config.data.category, config.data.image_size
+    ).materialize()
     scored = dataset.map_batches(
         ScoreBatch,
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir), "sigma": config.eval.sigma},

@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cdd_ray.config import Config, config_to_dict
-from cdd_ray.data.domains import assign_domains, domain_report
-from cdd_ray.data.ray_data import domain_dataset, embeddings, read_split, with_domains
+from cdd_ray.data.domains import HOLDOUT, assign_domains, domain_report, holdout_mask
+from cdd_ray.data.ray_data import domain_dataset, embeddings, holdout_dataset, read_split, with_domains
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
 from cdd_ray.evaluate.ray_eval import score_test_set
 from cdd_ray.evaluate.report import summarize, write_metrics, write_overlays
@@ -82,12 +82,16 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
         vectors = None
     else:
         ids, vectors = embeddings(dataset, config.teacher)
-    domains = assign_domains(
-        ids,
+    held_out = holdout_mask(ids, config.data.holdout_fraction, config.train.seed)
+    kept = np.flatnonzero(~held_out)
+    kept_ids = [ids[i] for i in kept]
+    domains = np.full(len(ids), HOLDOUT, dtype=np.int64)
+    domains[kept] = assign_domains(
+        kept_ids,
         config.data.partition,
         config.train.num_domains,
         config.train.seed,
-        vectors,
+        None if vectors is None else vectors[kept],
         config.data.outlier_domains,
     )
     order = np.argsort(np.asarray(ids, dtype=object).astype(str), kind="stable")
@@ -96,7 +100,8 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
         "num_domains": config.train.num_domains,
         "seed": config.train.seed,
         "assignment": {ids[i]: int(domains[i]) for i in order},
-        "report": domain_report(domains, _injected_flags(store, ids), config.train.num_domains),
+        "holdout": sorted(ids[i] for i in np.flatnonzero(held_out)),
+        "report": domain_report(domains[kept], _injected_flags(store, kept_ids), config.train.num_domains),
     }
 
 
@@ -132,9 +137,14 @@ def _follow(progress_path: Path, total: int, done: threading.Event, console: Con
 
 
 def train(
-    config: Config, console: Console | None = None, trace_dir: str | None = None
+    config: Config,
+    console: Console | None = None,
+    trace_dir: str | None = None,
+    callbacks: list[UserCallback] | None = None,
 ) -> tuple[Path, Path, dict]:
-    """Train one run; returns (run dir, checkpoint dir, last reported metrics)."""
+    """Train one run; returns (run dir, checkpoint dir, last reported metrics).
+
+    ``callbacks`` join the run's own (e.g. Tune's TuneReportCallback inside a sweep trial)."""
     console = console or Console()
     store = Path(config.data.path).resolve()
     store_info = check_store(store)
@@ -150,8 +160,10 @@ def train(
     train_set = read_split(store, "train", config.data.category, config.data.image_size).materialize()
     manifest = partition_training_set(config, train_set, store)
     write_json(run_dir / DOMAINS_FILE, manifest)
-    train_set = with_domains(train_set, manifest["assignment"]).materialize()
-    datasets = {"train": train_set}
+    datasets = {"train": with_domains(train_set, manifest["assignment"]).materialize()}
+    if manifest["holdout"]:
+        datasets["holdout"] = holdout_dataset(train_set, manifest["assignment"]).materialize()
+    train_set = datasets["train"]
     if config.train.num_domains > 1:
         datasets |= {
             f"domain_{k}": domain_dataset(train_set, k).materialize() for k in range(config.train.num_domains)
@@ -173,10 +185,12 @@ def train(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[ProgressFile(str(progress_path))],
+            callbacks=[ProgressFile(str(progress_path)), *(callbacks or [])],
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(
+            datasets_to_split=["train", "holdout"] if "holdout" in datasets else ["train"]
+        ),
     )
     done = threading.Event()
     follower = threading.Thread(
@@ -200,6 +214,7 @@ def evaluate(config: Config, run_dir: Path, checkpoint_dir: Path) -> dict:
     results = score_test_set(config, checkpoint_dir, use_gpu)
     metrics = summarize(results, config.eval.fpr_limit)
     metrics["checkpoint"] = str(checkpoint_dir)
+
     write_metrics(run_dir / METRICS_FILE, metrics)
     write_overlays(run_dir / "overlays", results, config.eval.overlays)
     return metrics

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cdd_ray.config import Config, config_from_dict
+from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.models.student import student_spec
 from cdd_ray.models.teacher import build_teacher
 from cdd_ray.train.checkpoint import load_domains, load_global, save_domains, save_global, unwrap
@@ -111,6 +112,21 @@ class Tracer:
                 out.write(json.dumps({"rank": self.rank, **event}) + "\n")
 
 
+def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float:
+    """The label-free proxy over all ranks' held-out shards (see cdd_ray.evaluate.proxy)."""
+    losses = []
+    for start in range(0, len(holdout), 64):
+        images = holdout.images[start : start + 64].to(holdout.device)
+        losses += per_image_loss(
+            engine.teacher, unwrap(engine.global_student), images, config.objective.loss_form
+        ).tolist()
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, losses)
+        losses = [value for part in gathered for value in part]
+    return trimmed_mean(np.asarray(losses), config.eval.proxy_trim)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -148,6 +164,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 3. Data: this rank's shard of the whole set, and the full data of each domain it owns.
     shard = RankData(ray.train.get_dataset_shard("train"), device)
     domain_data = {k: RankData(ray.train.get_dataset_shard(f"domain_{k}"), device) for k in owned}
+    holdout = (
+        RankData(ray.train.get_dataset_shard("holdout"), device) if config.data.holdout_fraction else None
+    )
     use_cache = config.train.teacher_cache
     replicas: dict = {}
     stages = plan_stages(config)
@@ -196,6 +215,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 average_buffers(unwrap(engine.global_student))
                 metrics["loss_global"] = _all_reduce(float(np.mean(values)) if values else 0.0) / world_size
                 trace(step=step, stage="digest", global_digest=_digest(engine.global_student))
+                if holdout is not None:
+                    metrics["proxy_loss"] = holdout_proxy(engine, holdout, config)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"epoch {epoch + 1}: {error}") from error
         elapsed = time.perf_counter() - started

@@ -1,0 +1,181 @@
+"""``cdd-ray grid``: the FUAD benchmark grid, category x noise ratio x overlap x seed x method.
+
+Every (noise, overlap, seed) cell gets its own prepared store (the contamination protocol is seeded);
+every grid point is one Tune trial (a whole cdd-ray run), run concurrently as resources allow. The
+summary holds mean and standard deviation over seeds per (category, noise, overlap, method), as
+Parquet and as a Markdown table in the format of a paper's table, with RD on clean data as the
+reference row when the grid has it.
+
+A grid file::
+
+    name: fuad_grid
+    base_config: cdd_synthetic.yaml
+    overrides: [train.epochs=8]
+    source: {kind: synthetic, image_size: 128}     # or {kind: mvtec, root: /data/mvtec_ad}
+    categories: [weave, granite, bolts, pill]
+    noise_ratios: [0.0, 0.1, 0.2]
+    overlap: [false]
+    seeds: [0, 1, 2]
+    methods: {rd: [train.num_domains=1], cdd: [train.num_domains=2]}
+    storage_path: grids_out
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from ray import tune
+from rich.console import Console
+
+from cdd_ray.config import ConfigError, absolute_paths, load_config
+from cdd_ray.data.prepare import prepare
+from cdd_ray.data.store import STORE_FILE, write_atomic
+from cdd_ray.data.synthetic import SyntheticConfig
+from cdd_ray.evaluate.report import METRIC_KEYS
+from cdd_ray.ray_session import ensure_ray
+from cdd_ray.tune.spec import _read_yaml, resolve_base_config
+from cdd_ray.tune.sweep import fit_trials, trial_setup, write_trials
+
+GRID_LABELS = ("category", "noise", "overlap", "seed", "method")
+
+
+@dataclass
+class GridSpec:
+    name: str
+    categories: list[str]
+    noise_ratios: list[float]
+    seeds: list[int]
+    methods: dict[str, list[str]]
+    overlap: list[bool] = field(default_factory=lambda: [False])
+    source: dict = field(default_factory=lambda: {"kind": "synthetic"})
+    base_config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    storage_path: str = "grids_out"
+    max_concurrent_trials: int | None = None
+
+
+def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
+    values = _read_yaml(path)
+    unknown = sorted(set(values) - set(GridSpec.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid keys {unknown}")
+    for key in ("categories", "noise_ratios", "seeds", "methods"):
+        if not values.get(key):
+            raise ConfigError(f"{path}: {key} must be given and non-empty")
+    values.setdefault("name", Path(path).stem)
+    values["base_config"] = resolve_base_config(values.get("base_config"), path)
+    values["overrides"] = list(values.get("overrides") or []) + list(extra_overrides or [])
+    return GridSpec(**values)
+
+
+def _store_dir(grid_dir: Path, noise: float, overlap: bool, seed: int) -> Path:
+    return grid_dir / "stores" / f"noise{noise:g}-overlap{int(overlap)}-seed{seed}"
+
+
+def prepare_stores(spec: GridSpec, grid_dir: Path, console: Console) -> dict[tuple, Path]:
+    """One store per (noise, overlap, seed); an existing one is reused."""
+    source = dict(spec.source)
+    kind = source.pop("kind")
+    root = source.pop("root", None)
+    synthetic = SyntheticConfig(**source) if kind == "synthetic" else None
+    stores = {}
+    for noise, overlap, seed in itertools.product(spec.noise_ratios, spec.overlap, spec.seeds):
+        out = _store_dir(grid_dir, noise, overlap, seed)
+        if not (out / STORE_FILE).is_file():
+            console.print(f"preparing {out.name}")
+            prepare(
+                kind,
+                Path(root) if root else None,
+                out,
+                spec.categories,
+                noise,
+                overlap,
+                seed,
+                synthetic=synthetic,
+            )
+        stores[(noise, overlap, seed)] = out
+    return stores
+
+
+def grid_cells(spec: GridSpec, stores: dict[tuple, Path]) -> list[dict]:
+    cells = []
+    for category, noise, overlap, seed, method in itertools.product(
+        spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods
+    ):
+        overrides = [
+            *spec.methods[method],
+            f"data.path={stores[(noise, overlap, seed)]}",
+            f"data.category={category}",
+            f"train.seed={seed}",
+        ]
+        labels = {"category": category, "noise": noise, "overlap": overlap, "seed": seed, "method": method}
+        cells.append({"overrides": overrides, "labels": labels})
+    return cells
+
+
+def summarize_grid(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds for each (category, noise, overlap, method)."""
+    metrics = [m for m in METRIC_KEYS if m in frame]
+    grouped = frame.groupby(["category", "noise", "overlap", "method"], sort=True)[metrics]
+    summary = grouped.agg(["mean", "std", "count"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    return summary.reset_index()
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """Rows per (method, noise, overlap), columns per category plus the mean; cells 'mean ± std'."""
+    metric = "image_auroc"
+    lines = []
+    categories = sorted(summary["category"].unique())
+    header = "| method | noise | overlap | " + " | ".join(categories) + " | mean |"
+    lines += [f"{metric} (mean ± std over seeds)", "", header, "|" + "---|" * (len(categories) + 4)]
+    rows = summary.sort_values(["noise", "method"], key=lambda c: c if c.name == "noise" else c != "rd")
+    reference = rows[(rows["method"] == "rd") & (rows["noise"] == 0)]
+    ordered = pd.concat([reference, rows.drop(reference.index)])
+    for (method, noise, overlap), part in ordered.groupby(["method", "noise", "overlap"], sort=False):
+        cells = []
+        for category in categories:
+            row = part[part["category"] == category]
+            if row.empty:
+                cells.append("-")
+            else:
+                std = row[f"{metric}_std"].iloc[0]
+                spread = "" if pd.isna(std) else f" ± {std:.3f}"
+                cells.append(f"{row[f'{metric}_mean'].iloc[0]:.3f}{spread}")
+        label = f"{method} (clean reference)" if method == "rd" and noise == 0 else method
+        mean = part[f"{metric}_mean"].mean()
+        lines.append(f"| {label} | {noise:g} | {overlap} | " + " | ".join(cells) + f" | {mean:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(spec: GridSpec, resume: bool = False, console: Console | None = None) -> dict:
+    console = console or Console()
+    ensure_ray()
+    base = absolute_paths(load_config(spec.base_config, spec.overrides))
+    grid_dir = Path(spec.storage_path).resolve() / spec.name
+    console.print(f"grid directory: {grid_dir}")
+    stores = prepare_stores(spec, grid_dir, console)
+    cells = grid_cells(spec, stores)
+    trainable, concurrency = trial_setup(base, grid_dir, spec.max_concurrent_trials)
+    space = {"cell": tune.grid_search(cells)}
+    results = fit_trials(trainable, space, grid_dir / "trials", concurrency, resume=resume)
+    frame = results.get_dataframe()
+    # Tune flattens the nested cell into config/cell/labels/<key> and config/cell/overrides columns.
+    frame = frame.rename(columns={f"config/cell/labels/{label}": label for label in GRID_LABELS})
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("config/cell/")])
+    write_trials(grid_dir, frame)
+    summary = summarize_grid(frame)
+    temporary = grid_dir / ".summary.parquet.tmp"
+    summary.to_parquet(temporary, index=False)
+    temporary.replace(grid_dir / "summary.parquet")
+    table = markdown_table(summary)
+    write_atomic(grid_dir / "summary.md", table)
+    write_atomic(
+        grid_dir / "grid.json", json.dumps({"cells": len(cells), "errors": len(results.errors)}) + "\n"
+    )
+    console.print(table)
+    return {"grid_dir": grid_dir, "summary": summary, "summary_markdown": grid_dir / "summary.md"}

@@ -1,0 +1,62 @@
+"""One Tune trial: a full cdd-ray run (TorchTrainer + evaluation) with the trial's overrides.
+
+Train V2 inside Tune: the function trainable builds and fits the TorchTrainer itself, and
+``TuneReportCallback`` forwards each epoch's report (loss_global, ...) to Tune, which ASHA uses.
+The label-free proxy comes with each epoch's report when the run holds out part of the training set;
+after training the trial scores the test set (labeled metrics, unless ``eval.score_test=false``) and
+one final ``tune.report`` carries everything.
+
+``CDD_RAY_TEST_FAIL_ONCE=<path>`` in the driver's environment (tests only) makes the first trial
+that creates <path> fail, to simulate an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from rich.console import Console
+
+from cdd_ray.config import config_from_dict, with_overrides
+from cdd_ray.evaluate.report import METRIC_KEYS
+from cdd_ray.train.run import evaluate, train
+
+FAIL_ONCE_ENV = "CDD_RAY_TEST_FAIL_ONCE"
+
+
+def trial_overrides(params: dict) -> list[str]:
+    """Search-space values as dotted overrides; a grid ``cell`` carries its own override list."""
+    overrides = []
+    for key, value in params.items():
+        if key == "cell":
+            overrides += list(value["overrides"])
+        else:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
+def _fail_once_for_tests(marker: str | None) -> None:
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    raise RuntimeError(f"test fault: this trial was made to fail ({FAIL_ONCE_ENV})")
+
+
+def run_trial(params: dict, base: dict, storage_path: str, fail_once: str | None = None) -> None:
+    """The Tune trainable; ``base`` is the resolved run config (absolute paths) as a dict."""
+    started = time.time()
+    _fail_once_for_tests(fail_once)
+    name = tune.get_context().get_trial_name()
+    run_settings = [f"name={name}", f"ray.storage_path={storage_path}"]
+    config = with_overrides(config_from_dict(base), [*trial_overrides(params), *run_settings])
+    run_dir, checkpoint, final = train(config, Console(quiet=True), callbacks=[TuneReportCallback()])
+    if config.eval.score_test:
+        metrics = evaluate(config, run_dir, checkpoint)
+        final.update({key: metrics[key] for key in METRIC_KEYS if key in metrics})
+    final.update(run_dir=str(run_dir), trial_started=started, trial_finished=time.time())
+    tune.report(final)

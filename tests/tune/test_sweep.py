@@ -1,0 +1,134 @@
+"""Tune sweeps and the benchmark grid on 2 CPUs: concurrency, resume, summaries."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cdd_ray.config import ConfigError
+from cdd_ray.tune.grid import load_grid, markdown_table, run_grid, summarize_grid
+from cdd_ray.tune.spec import load_sweep
+from cdd_ray.tune.sweep import run_sweep
+from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
+from tests.conftest import tiny_overrides
+
+TINY_TRIAL = {"ray.num_workers": 1, "ray.cpus_per_worker": 1, "data.holdout_fraction": 0.2}
+LABEL_FREE = {**TINY_TRIAL, "eval.score_test": "false"}
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def progress_lines(run_dir: str) -> int:
+    return len((Path(run_dir) / "progress.jsonl").read_text().splitlines())
+
+
+def test_sweep_spec_errors_name_the_key(tmp_path):
+    bad = write_yaml(tmp_path / "s.yaml", {"search_space": {"train.num_domains": {"grid": []}}})
+    with pytest.raises(ConfigError, match=r"search_space.train.num_domains.grid: needs a non-empty list"):
+        load_sweep(bad)
+    bad = write_yaml(
+        tmp_path / "s.yaml", {"search_space": {"a": {"grid": [1]}}, "objective": {"metric": "acc"}}
+    )
+    with pytest.raises(ConfigError, match="objective.metric"):
+        load_sweep(bad)
+
+
+def test_trial_overrides_flatten_grid_cells():
+    params = {"train.num_domains": 3, "cell": {"overrides": ["data.category=pill"], "labels": {}}}
+    assert trial_overrides(params) == ["train.num_domains=3", "data.category=pill"]
+
+
+def test_shipped_sweep_and_grid_files_parse():
+    root = Path(__file__).parent.parent.parent / "sweeps"
+    sweep = load_sweep(root / "domains_and_weights.yaml")
+    assert not sweep.uses_labels and "train.num_domains" in sweep.search_space
+    grid = load_grid(root / "fuad_grid.yaml")
+    assert set(grid.methods) == {"rd", "cdd"} and 0.0 in grid.noise_ratios
+
+
+def test_sweep_runs_two_trials_at_once_and_resume_finishes_only_the_missing_one(
+    ray_session, tiny_store, tmp_path, monkeypatch
+):
+    overrides = tiny_overrides(tiny_store, tmp_path / "unused", **LABEL_FREE)
+    spec_path = write_yaml(
+        tmp_path / "sweep.yaml",
+        {
+            "name": "tiny",
+            "overrides": overrides,
+            "search_space": {"train.num_domains": {"grid": [1, 2, 3]}},
+            "objective": {"metric": "proxy_loss", "mode": "min"},
+            "storage_path": str(tmp_path / "sweeps"),
+        },
+    )
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(tmp_path / "failed-once"))
+    first = run_sweep(load_sweep(spec_path))
+    assert first["errors"] == 1, "the test fault should interrupt exactly one trial"
+    done = first["trials"].dropna(subset=["proxy_loss"])
+    assert len(done) == 2
+    # Two trials ran concurrently (1 worker of 1 CPU each on 2 CPUs).
+    (a_start, a_end), (b_start, b_end) = done[["trial_started", "trial_finished"]].to_numpy()
+    assert a_start < b_end and b_start < a_end, "the two finished trials did not overlap in time"
+    before = {row.run_dir: progress_lines(row.run_dir) for row in done.itertuples()}
+
+    resumed = run_sweep(load_sweep(spec_path), resume=True)
+    assert resumed["errors"] == 0
+    trials = resumed["trials"]
+    assert len(trials) == 3 and trials["proxy_loss"].notna().all()
+    assert sorted(trials["config/train.num_domains"]) == [1, 2, 3]
+    for run_dir, lines in before.items():
+        assert progress_lines(run_dir) == lines, f"finished trial {run_dir} was run again"
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 3
+    assert len(pd.read_csv(sweep_dir / "trials.csv")) == 3
+    assert resumed["best"]["proxy_loss"] == trials["proxy_loss"].min()
+
+
+def test_grid_summary_and_table(ray_session, tmp_path):
+    spec_path = write_yaml(
+        tmp_path / "grid.yaml",
+        {
+            "name": "tinygrid",
+            "overrides": tiny_overrides(Path("unused"), tmp_path / "unused", **TINY_TRIAL),
+            "source": {
+                "kind": "synthetic",
+                "image_size": 32,
+                "train_normal": 12,
+                "test_normal": 6,
+                "test_anomalous": 8,
+            },
+            "categories": ["pill"],
+            "noise_ratios": [0.0, 0.25],
+            "seeds": [0],
+            "methods": {"rd": ["train.num_domains=1"]},
+            "storage_path": str(tmp_path / "grids"),
+        },
+    )
+    outcome = run_grid(load_grid(spec_path))
+    summary = outcome["summary"]
+    assert len(summary) == 2 and set(summary["noise"]) == {0.0, 0.25}
+    assert summary["image_auroc_count"].eq(1).all() and summary["image_auroc_mean"].between(0, 1).all()
+    table = Path(outcome["summary_markdown"]).read_text()
+    assert "| rd (clean reference) | 0 |" in table and "| rd | 0.25 |" in table
+    stores = sorted(p.name for p in (tmp_path / "grids" / "tinygrid" / "stores").iterdir())
+    assert stores == ["noise0-overlap0-seed0", "noise0.25-overlap0-seed0"]
+    assert json.loads((tmp_path / "grids" / "tinygrid" / "grid.json").read_text())["errors"] == 0
+
+
+def test_markdown_table_puts_the_clean_reference_first():
+    frame = pd.DataFrame(
+        [
+            {"category": c, "noise": n, "overlap": False, "seed": s, "method": m, "image_auroc": v}
+            for c in ("a", "b")
+            for n, m, v in ((0.1, "cdd", 0.9), (0.0, "rd", 0.95), (0.1, "rd", 0.8))
+            for s in (0, 1)
+        ]
+    )
+    table = markdown_table(summarize_grid(frame))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    assert rows[0].startswith("| rd (clean reference) | 0 |")
+    assert "0.950 ± 0.000" in rows[0]
