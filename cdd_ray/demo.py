@@ -32,7 +32,7 @@ def demo_settings(out: Path, quick: bool) -> tuple[SyntheticConfig, list[str], t
         return synthetic, base + ["data.image_size=64", "train.epochs=1", "train.batch_size=8"], ("weave",)
     return (
         SyntheticConfig(),
-        base + ["data.image_size=128", "train.epochs=8", "train.batch_size=16"],
+        base + ["data.image_size=128", "train.epochs=20", "train.batch_size=16"],
         CATEGORIES,
     )
 

@@ -24,6 +24,9 @@ _dashboard_url: str | None = None
 def ensure_ray(num_cpus: int | None = None) -> str | None:
     """Initialize Ray once; returns the dashboard URL when a dashboard runs."""
     global _dashboard_url
+    # Per process (the driver, and Tune trials that run cdd-ray inside Ray): Ray Data's progress
+    # bars garble the rich progress and the logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return _dashboard_url
     if os.environ.get("RAY_ADDRESS"):
@@ -35,7 +38,14 @@ def ensure_ray(num_cpus: int | None = None) -> str | None:
             include_dashboard=os.environ.get("CDD_RAY_DASHBOARD", "1") != "0",
             dashboard_host="127.0.0.1",
         )
-    ray.data.DataContext.get_current().enable_progress_bars = False
     url = context.dashboard_url
     _dashboard_url = f"http://{url}" if url and not url.startswith("http") else (url or None)
     return _dashboard_url
+
+
+def cluster_has_gpus(use_gpu: bool | None) -> bool:
+    """``ray.use_gpu``: true/false as set, or (None) whether the cluster has GPUs at all. The driver's
+    own machine says nothing: on a cluster the head node often has no GPU while workers do."""
+    if use_gpu is not None:
+        return use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0

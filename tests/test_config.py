@@ -35,9 +35,23 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
-def test_shipped_run_configs_load():
+def test_every_shipped_yaml_loads():
+    """sweeps/ holds run configs, sweep files and grid files; each must load with its own loader."""
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml")):
-        config = load_config(path)
-        assert config.train.num_domains >= 1, path
+    import yaml
+
+    from cdd_ray.tune.grid import load_grid
+    from cdd_ray.tune.spec import load_sweep
+
+    files = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
+    files += sorted(Path(__file__).parent.parent.joinpath("bench").glob("*.yaml"))
+    assert files
+    for path in files:
+        keys = set(yaml.safe_load(path.read_text()))
+        if "search_space" in keys:
+            assert load_sweep(path).search_space, path
+        elif "methods" in keys:
+            assert load_grid(path).methods, path
+        else:
+            assert load_config(path).train.num_domains >= 1, path

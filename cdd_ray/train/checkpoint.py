@@ -2,7 +2,7 @@
 
 A checkpoint directory holds:
 
-- ``global.pt`` (written by rank 0): format version, epoch, config, domain manifest, the global
+- ``global.pt`` (written by rank 0): format version, epoch, steps done, config, domain manifest, the global
   student and its optimizer;
 - ``domains_rank<r>.pt`` (one per rank that owns domain students): their weights and optimizers.
 
@@ -12,7 +12,7 @@ worker count works too.
 
 Example::
 
-    save_global(dir, engine, epoch, config_dict, manifest)
+    save_global(dir, global_student, optimizer, epoch, steps_done, config_dict, manifest)
     state = load_global(dir)
 """
 
@@ -58,14 +58,18 @@ def save_global(
     global_student: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     epoch: int,
+    steps_done: int,
     config: dict,
     manifest: dict | None = None,
 ) -> None:
+    """``steps_done`` counts reports (one per epoch with ``alternate``; 2 x epochs with
+    ``sequential``); a resumed run starts at that step."""
     _save(
         Path(directory) / GLOBAL_FILE,
         {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "epoch": epoch,
+            "steps_done": steps_done,
             "config": config,
             "domain_manifest": manifest,
             "global_student": unwrap(global_student).state_dict(),

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from rich.console import Console
@@ -29,7 +28,7 @@ from cdd_ray.data.ray_data import domain_dataset, embeddings, holdout_dataset, r
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
 from cdd_ray.evaluate.ray_eval import score_test_set
 from cdd_ray.evaluate.report import summarize, write_metrics, write_overlays
-from cdd_ray.ray_session import ensure_ray
+from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
 from cdd_ray.train.worker import plan_stages, train_loop_per_worker
 
 PROGRESS_FILE = "progress.jsonl"
@@ -169,7 +168,7 @@ def train(
             f"domain_{k}": domain_dataset(train_set, k).materialize() for k in range(config.train.num_domains)
         }
 
-    use_gpu = torch.cuda.is_available() if config.ray.use_gpu is None else config.ray.use_gpu
+    use_gpu = cluster_has_gpus(config.ray.use_gpu)
     loop_config = {"config": config_to_dict(config), "domain_manifest": manifest, "trace_dir": trace_dir}
     progress_path = run_dir / PROGRESS_FILE
     trainer = TorchTrainer(
@@ -210,8 +209,7 @@ def train(
 def evaluate(config: Config, run_dir: Path, checkpoint_dir: Path) -> dict:
     """Score the test set, write metrics.json and overlays; returns the metrics."""
     ensure_ray()
-    use_gpu = torch.cuda.is_available() if config.ray.use_gpu is None else config.ray.use_gpu
-    results = score_test_set(config, checkpoint_dir, use_gpu)
+    results = score_test_set(config, checkpoint_dir, cluster_has_gpus(config.ray.use_gpu))
     metrics = summarize(results, config.eval.fpr_limit)
     metrics["checkpoint"] = str(checkpoint_dir)
 

@@ -158,7 +158,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for k in owned:
                 engine.domain_students[k].load_state_dict(students[k])
                 engine.domain_optimizers[k].load_state_dict(optimizers[k])
-            done = state["epoch"]
+            done = state["steps_done"]
     engine.global_student = ray.train.torch.prepare_model(engine.global_student)
 
     # 3. Data: this rank's shard of the whole set, and the full data of each domain it owns.
@@ -232,6 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         directory,
                         engine.global_student,
                         engine.global_optimizer,
+                        epoch + 1,
                         step + 1,
                         loop_config["config"],
                         loop_config.get("domain_manifest"),

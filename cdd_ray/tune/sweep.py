@@ -27,7 +27,7 @@ from rich.table import Table
 
 from cdd_ray.config import Config, absolute_paths, config_to_dict, load_config
 from cdd_ray.data.store import write_atomic
-from cdd_ray.ray_session import ensure_ray
+from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
 from cdd_ray.tune.spec import LABEL_FREE_METRICS, SweepSpec
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, run_trial
 
@@ -66,7 +66,7 @@ def trial_setup(base: Config, experiment_dir: Path, max_concurrent: int | None) 
         run_trial, base=config_to_dict(base), storage_path=runs, fail_once=fail_once
     )
     concurrency = max_concurrent or concurrent_trials(
-        base.ray.num_workers, base.ray.cpus_per_worker, bool(base.ray.use_gpu)
+        base.ray.num_workers, base.ray.cpus_per_worker, cluster_has_gpus(base.ray.use_gpu)
     )
     return trainable, concurrency
 

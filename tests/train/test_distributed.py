@@ -4,6 +4,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cdd_ray.config import load_config
@@ -83,7 +84,8 @@ def test_sequential_k2_domain_isolation_and_rank_agreement(ray_session, tiny_sto
     check_run(config, run_dir, checkpoint, metrics, events)
     stages = {e["step"]: e["stage"] for e in events if e["stage"] in ("dst", "global")}
     assert stages == {0: "dst", 1: "global"}, "sequential: all DST epochs first, then aggregation"
-    assert load_global(checkpoint)["epoch"] == 2
+    state = load_global(checkpoint)
+    assert state["epoch"] == 1 and state["steps_done"] == 2
 
 
 def test_training_batches_carry_no_labels(ray_session, tiny_store):
@@ -117,3 +119,17 @@ def test_k3_round_robin_then_same_name_resumes_at_the_next_epoch(ray_session, ti
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["aupro"] <= 1.0
     assert json.loads((run_dir / "metrics.json").read_text())["image_auroc"] == metrics["image_auroc"]
     assert len(list((run_dir / "overlays").glob("*.png"))) == 2
+
+    # cdd-ray predict on new image files, from the same checkpoint.
+    from PIL import Image
+
+    from cdd_ray.evaluate.predict import predict_images
+
+    paths = []
+    for index in range(2):
+        paths.append(tmp_path / f"new{index}.png")
+        Image.fromarray(np.full((40, 40, 3), 60 * (index + 1), dtype=np.uint8)).save(paths[-1])
+    rows = predict_images(resumed, paths, tmp_path / "predictions")
+    assert [Path(r["image"]).name for r in rows] == ["new0.png", "new1.png"]
+    assert all(np.isfinite(r["score"]) and Path(r["map"]).is_file() for r in rows)
+    assert json.loads((tmp_path / "predictions" / "scores.json").read_text()) == rows
