@@ -18,7 +18,7 @@ from cdd_ray.config import Config, load_config
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import STORE_FILE, write_json
 from cdd_ray.data.synthetic import CATEGORIES, SyntheticConfig
-from cdd_ray.evaluate.report import METRIC_KEYS, print_metrics_table
+from cdd_ray.evaluate.report import mean_over_categories, print_metrics_table
 from cdd_ray.train.run import run_experiment
 
 DEMO_NOISE = 0.1
@@ -32,15 +32,9 @@ def demo_settings(out: Path, quick: bool) -> tuple[SyntheticConfig, list[str], t
         return synthetic, base + ["data.image_size=64", "train.epochs=1", "train.batch_size=8"], ("weave",)
     return (
         SyntheticConfig(),
-        base + ["data.image_size=128", "train.epochs=20", "train.batch_size=16"],
+        base + ["data.image_size=128", "train.epochs=8", "train.batch_size=16"],
         CATEGORIES,
     )
-
-
-def _mean_over(per_category: dict[str, dict]) -> dict:
-    merged = {key: sum(m[key] for m in per_category.values()) / len(per_category) for key in METRIC_KEYS}
-    merged["per_category"] = per_category
-    return merged
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> dict:
@@ -60,7 +54,7 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
             config: Config = load_config(None, overrides + method_overrides + [f"data.category={category}"])
             outcome = run_experiment(config, console)
             per_category[category] = outcome.metrics["per_category"][category]
-        results[method] = _mean_over(per_category)
+        results[method] = mean_over_categories(per_category)
     elapsed = time.perf_counter() - started
     summary = {**results, "seconds": elapsed, "noise_ratio": DEMO_NOISE, "quick": quick}
     write_json(out / "demo.json", summary)

@@ -3,7 +3,7 @@
 Example::
 
     metrics = summarize(results, fpr_limit=0.3)
-    write_metrics(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     print_metrics_table({"cdd": metrics})
 """
 
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdd_ray.data.images import encode_png
-from cdd_ray.data.store import write_atomic, write_json
+from cdd_ray.data.store import write_atomic
 from cdd_ray.evaluate.metrics import compute_metrics
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -35,18 +35,20 @@ def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3) -> dict:
             results["mask"][rows] if has_pixels else None,
             fpr_limit,
         )
+    summary = mean_over_categories(per_category)
+    summary["num_test_images"] = int(len(results["label"]))
+    return summary
+
+
+def mean_over_categories(per_category: dict[str, dict]) -> dict:
+    """Each metric averaged over the categories that have it, plus the per-category values."""
     summary = {
         key: float(np.mean([m[key] for m in per_category.values() if key in m]))
         for key in METRIC_KEYS
         if any(key in m for m in per_category.values())
     }
     summary["per_category"] = per_category
-    summary["num_test_images"] = int(len(results["label"]))
     return summary
-
-
-def write_metrics(path: Path, metrics: dict) -> None:
-    write_json(path, metrics)
 
 
 def print_metrics_table(

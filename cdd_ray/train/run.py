@@ -27,7 +27,7 @@ from cdd_ray.data.domains import HOLDOUT, assign_domains, domain_report, holdout
 from cdd_ray.data.ray_data import domain_dataset, embeddings, holdout_dataset, read_split, with_domains
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
 from cdd_ray.evaluate.ray_eval import score_test_set
-from cdd_ray.evaluate.report import summarize, write_metrics, write_overlays
+from cdd_ray.evaluate.report import summarize, write_overlays
 from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
 from cdd_ray.train.worker import plan_stages, train_loop_per_worker
 
@@ -213,7 +213,7 @@ def evaluate(config: Config, run_dir: Path, checkpoint_dir: Path) -> dict:
     metrics = summarize(results, config.eval.fpr_limit)
     metrics["checkpoint"] = str(checkpoint_dir)
 
-    write_metrics(run_dir / METRICS_FILE, metrics)
+    write_json(run_dir / METRICS_FILE, metrics)
     write_overlays(run_dir / "overlays", results, config.eval.overlays)
     return metrics
 
