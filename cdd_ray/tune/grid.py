@@ -169,9 +169,7 @@ def run_grid(spec: GridSpec, resume: bool = False, console: Console | None = Non
     frame = frame.drop(columns=[c for c in frame.columns if c.startswith("config/cell/")])
     write_trials(grid_dir, frame)
     summary = summarize_grid(frame)
-    temporary = grid_dir / ".summary.parquet.tmp"
-    summary.to_parquet(temporary, index=False)
-    temporary.replace(grid_dir / "summary.parquet")
+    write_atomic(grid_dir / "summary.parquet", summary.to_parquet(index=False))
     table = markdown_table(summary)
     write_atomic(grid_dir / "summary.md", table)
     write_atomic(

@@ -86,9 +86,7 @@ def write_trials(directory: Path, frame: pd.DataFrame) -> None:
     """All trials as Parquet and CSV (written under temporary names, then renamed)."""
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / "trials.csv", frame.to_csv(index=False))
-    temporary = directory / ".trials.parquet.tmp"
-    frame.to_parquet(temporary, index=False)
-    temporary.replace(directory / "trials.parquet")
+    write_atomic(directory / "trials.parquet", frame.to_parquet(index=False))
 
 
 def trials_table(frame: pd.DataFrame, params: list[str], metric: str, title: str) -> Table:
