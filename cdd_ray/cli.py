@@ -64,6 +64,7 @@ def _prepare(args: argparse.Namespace, console: Console) -> None:
         Path(args.abnormal) if args.abnormal else None,
         Path(args.masks) if args.masks else None,
         synthetic,
+        args.defect_type or (),
     )
     for key, count in summary["counts"].items():
         console.print(f"{key}: {count}")
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--noise-ratio", type=float, default=0.0)
     prep.add_argument("--overlap", action="store_true", help="keep injected anomalies in the test set too")
     prep.add_argument("--resample", action="store_true", help="augmented copies when anomalies run short")
+    prep.add_argument(
+        "--defect-type",
+        action="append",
+        help="inject only anomalies of this defect type (repeatable): concentrated contamination",
+    )
     prep.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing"
     )

@@ -3,7 +3,9 @@
 Definition (SoftPatch, Jiang et al., NeurIPS 2022): for noise ratio r, n = round(r * N_train_normal)
 anomalous test images of the category join the training set, drawn with a seeded RNG across all
 defect types. ``overlap=False`` (default) removes them from the test set; ``overlap=True`` keeps the
-test set whole. If n exceeds the anomalies available, that is an error unless ``resample=True``:
+test set whole. ``defect_types`` restricts the draw to those defect types (concentrated
+contamination: every injected anomaly of one kind, the case where plain RD learns the anomaly as
+normal). If n exceeds the anomalies available, that is an error unless ``resample=True``:
 then augmented copies (rotation within 3 degrees, translation within 3 percent) fill the gap.
 
 The selection is a manifest (sample ids per category) that a later prepare with the same settings
@@ -39,23 +41,44 @@ class ContaminationPlan:
     overlap: bool
     seed: int
     resample: bool = False
+    defect_types: tuple[str, ...] = ()  # empty: every defect type
     injected: dict[str, list[str]] = field(default_factory=dict)  # category -> sample ids (repeats = copies)
 
     def settings(self) -> dict:
-        return {"ratio": self.ratio, "overlap": self.overlap, "seed": self.seed, "resample": self.resample}
+        return {
+            "ratio": self.ratio,
+            "overlap": self.overlap,
+            "seed": self.seed,
+            "resample": self.resample,
+            "defect_types": list(self.defect_types),
+        }
 
 
 def plan_contamination(
-    entries: list[SourceEntry], ratio: float, overlap: bool = False, seed: int = 0, resample: bool = False
+    entries: list[SourceEntry],
+    ratio: float,
+    overlap: bool = False,
+    seed: int = 0,
+    resample: bool = False,
+    defect_types: tuple[str, ...] | list[str] = (),
 ) -> ContaminationPlan:
     if not 0 <= ratio < 1:
         raise ContaminationError(f"noise ratio must lie in [0, 1), got {ratio}")
-    plan = ContaminationPlan(ratio, overlap, seed, resample)
+    wanted_types = tuple(sorted(defect_types))
+    plan = ContaminationPlan(ratio, overlap, seed, resample, wanted_types)
     for category in sorted({e.category for e in entries}):
         normals = sum(1 for e in entries if e.category == category and e.split == "train" and e.label == 0)
-        pool = sorted(
-            e.sample_id for e in entries if e.category == category and e.split == "test" and e.label == 1
-        )
+        anomalies = [e for e in entries if e.category == category and e.split == "test" and e.label == 1]
+        if wanted_types and ratio > 0:
+            known = {e.defect_type for e in anomalies}
+            missing = [t for t in wanted_types if t not in known]
+            if missing:
+                raise ContaminationError(
+                    f"category {category!r} has no test anomalies of defect type(s) {missing}; "
+                    f"it has {sorted(known)}"
+                )
+            anomalies = [e for e in anomalies if e.defect_type in wanted_types]
+        pool = sorted(e.sample_id for e in anomalies)
         wanted = int(round(ratio * normals))
         rng = np.random.default_rng([seed, sum(category.encode())])
         if wanted > len(pool) and not resample:

@@ -28,14 +28,16 @@ def prepare(
     abnormal_dir: Path | None = None,
     mask_dir: Path | None = None,
     synthetic: SyntheticConfig | None = None,
+    defect_types: tuple[str, ...] | list[str] = (),
 ) -> dict:
     entries = read_source(
         kind, root, categories, abnormal_dir=abnormal_dir, mask_dir=mask_dir, seed=seed, synthetic=synthetic
     )
-    plan = plan_contamination(entries, noise_ratio, overlap, seed, resample)
+    plan = plan_contamination(entries, noise_ratio, overlap, seed, resample, defect_types)
     reused = read_manifest(out, plan.settings())
     if reused is not None:
-        plan = ContaminationPlan(**plan.settings(), injected=reused)
+        settings = plan.settings() | {"defect_types": tuple(plan.defect_types)}
+        plan = ContaminationPlan(**settings, injected=reused)
     summary = write_store(apply_contamination(entries, plan), out, source=kind, plan=plan, skip_bad=skip_bad)
     summary["manifest_reused"] = reused is not None
     return summary

@@ -36,6 +36,9 @@ HUB = "hub"
 HUB_HOST = "huggingface.co"
 
 
+RANDOM_TEACHER_SEED = 0
+
+
 class TeacherWeightsError(RuntimeError):
     """Raised when the requested pretrained weights cannot be had."""
 
@@ -122,7 +125,11 @@ def build_backbone(config: TeacherConfig) -> nn.Module:
             "anomaly scores will be poor; use this only for tests and ablations",
             stacklevel=2,
         )
-        return _create_features(config.backbone, pretrained=False)
+        # Seeded, so that every rank, every restarted worker and every repeated run build the same
+        # random teacher whatever the process drew from the global RNG before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TEACHER_SEED)
+            return _create_features(config.backbone, pretrained=False)
     if config.weights == PYPI_LITE0:
         if config.backbone != "tf_efficientnet_lite0":
             raise TeacherWeightsError(

@@ -166,6 +166,21 @@ def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) 
 StepHook = Callable[[str, int, torch.Tensor], None]
 
 
+Plan = list[tuple[int, tuple[str, ...]]]
+
+
+def stage_plan(num_domains: int, epochs: int, schedule: str = "alternate") -> Plan:
+    """(epoch, stages) in training order: both stages each epoch (``alternate``), or all DST epochs
+    and then all aggregation epochs (``sequential``). K = 1 has only the global (RD) stage."""
+    if schedule not in ("alternate", "sequential"):
+        raise ValueError(f"schedule must be 'alternate' or 'sequential', got {schedule!r}")
+    if num_domains == 1:
+        return [(e, ("global",)) for e in range(epochs)]
+    if schedule == "alternate":
+        return [(e, ("dst", "global")) for e in range(epochs)]
+    return [(e, ("dst",)) for e in range(epochs)] + [(e, ("global",)) for e in range(epochs)]
+
+
 def fit_in_process(
     engine: CDDEngine,
     images: torch.Tensor,
@@ -175,8 +190,9 @@ def fit_in_process(
     seed: int = 0,
     teacher_cache: bool = False,
     on_step: StepHook | None = None,
+    schedule: str = "alternate",
 ) -> list[dict[str, float]]:
-    """Alternate DST and aggregation every epoch on in-memory images; returns per-epoch losses.
+    """Run the stages of ``stage_plan`` on in-memory images; returns the losses of each planned step.
 
     ``on_step(stage, domain, sample_indices)`` sees every batch, for tests and tracing.
     """
@@ -188,20 +204,23 @@ def fit_in_process(
 
     history = []
     all_indices = torch.arange(len(images))
-    for _ in range(epochs):
+    for _, stages in stage_plan(engine.num_domains, epochs, schedule):
         record: dict[str, float] = {}
-        for k in sorted(engine.domain_students):
+        if "dst" in stages:
+            for k in sorted(engine.domain_students):
+                losses = []
+                for index in batches(all_indices[domains == k], batch_size, generator):
+                    if on_step:
+                        on_step("dst", k, index)
+                    losses.append(engine.domain_step(k, images[index], feats_of(index)))
+                record[f"loss_domain_{k}"] = sum(losses) / max(1, len(losses))
+        if "global" in stages:
             losses = []
-            for index in batches(all_indices[domains == k], batch_size, generator):
+            for index in batches(all_indices, batch_size, generator):
                 if on_step:
-                    on_step("dst", k, index)
-                losses.append(engine.domain_step(k, images[index], feats_of(index)))
-            record[f"loss_domain_{k}"] = sum(losses) / max(1, len(losses))
-        losses = []
-        for index in batches(all_indices, batch_size, generator):
-            if on_step:
-                on_step("global", -1, index)
-            losses.append(engine.global_step(images[index], domains[index], teacher_feats=feats_of(index)))
-        record["loss_global"] = sum(losses) / len(losses)
+                    on_step("global", -1, index)
+                step = engine.global_step(images[index], domains[index], teacher_feats=feats_of(index))
+                losses.append(step)
+            record["loss_global"] = sum(losses) / len(losses)
         history.append(record)
     return history

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -29,11 +30,47 @@ from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
 from cdd_ray.evaluate.ray_eval import score_test_set
 from cdd_ray.evaluate.report import summarize, write_overlays
 from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
+from cdd_ray.train.checkpoint import CheckpointError, load_global
 from cdd_ray.train.worker import plan_stages, train_loop_per_worker
 
 PROGRESS_FILE = "progress.jsonl"
 DOMAINS_FILE = "domains.json"
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+RUN_FORMAT_VERSION = 1
+FAULT_ENV = "CDD_RAY_TEST_FAULT"
+# Settings a resumed run must share with the run it continues (the rest, e.g. epochs, may change).
+RESUME_KEYS = (
+    ("data", "category"),
+    ("data", "image_size"),
+    ("data", "partition"),
+    ("data", "holdout_fraction"),
+    ("teacher", "backbone"),
+    ("train", "num_domains"),
+    ("train", "schedule"),
+    ("train", "seed"),
+)
+
+
+class TrainingError(RuntimeError):
+    """A run that failed after its retries; the message says where, why, and what was kept."""
+
+
+def _failure_summary(error: Exception) -> str:
+    """The last line of each worker's error (e.g. "epoch 2: loss is nan in DST of domain 0")."""
+    failures = getattr(error, "worker_failures", None) or {}
+    lines = []
+    for rank, failure in sorted(failures.items()):
+        text = str(failure).strip().splitlines()
+        lines.append(f"rank {rank}: {text[-1] if text else type(failure).__name__}")
+    if not lines:
+        text = str(error).strip().splitlines()
+        lines.append(text[-1] if text else type(error).__name__)
+    return "; ".join(dict.fromkeys(lines))
+
+
+class RunDirError(RuntimeError):
+    """A run directory that this configuration cannot continue; the message names it and why."""
 
 
 @dataclass
@@ -42,6 +79,48 @@ class RunOutcome:
     checkpoint_dir: Path
     metrics: dict
     train_metrics: dict
+
+
+def check_run_dir(run_dir: Path, config: Config) -> None:
+    """Refuse to continue a run directory written by another format or with other settings.
+
+    Same name + storage path resumes (Ray Train's behaviour); this check turns a silent mix of two
+    experiments, or an unreadable old checkpoint, into an error before any worker starts."""
+    run_file = run_dir / RUN_FILE
+    wanted = config_to_dict(config)
+    if run_file.is_file():
+        try:
+            recorded = json.loads(run_file.read_text())
+        except json.JSONDecodeError as error:
+            raise RunDirError(
+                f"{run_file} is not valid JSON ({error}); move the run directory away"
+            ) from error
+        if recorded.get("format_version") != RUN_FORMAT_VERSION:
+            raise RunDirError(
+                f"{run_dir} was written by a cdd-ray run format {recorded.get('format_version')!r}, this "
+                f"version writes {RUN_FORMAT_VERSION}: choose another `name` or move the directory away"
+            )
+        previous = recorded.get("config", {})
+        differences = [
+            f"{section}.{key}: {previous.get(section, {}).get(key)!r} there, {wanted[section][key]!r} here"
+            for section, key in RESUME_KEYS
+            if previous.get(section, {}).get(key) != wanted[section][key]
+        ]
+        if differences:
+            raise RunDirError(
+                f"{run_dir} holds a run with other settings ({'; '.join(differences)}); the same name "
+                "resumes a run, so choose another `name` or move the directory away"
+            )
+    elif any(run_dir.glob("checkpoint_*")):
+        raise RunDirError(f"{run_dir} has checkpoints but no {RUN_FILE}: not a run of this cdd-ray version")
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
+    if checkpoints:
+        try:
+            load_global(checkpoints[-1])
+        except CheckpointError as error:
+            raise RunDirError(f"cannot resume {run_dir}: {error}") from error
+    if not run_file.is_file():
+        write_json(run_file, {"format_version": RUN_FORMAT_VERSION, "config": wanted})
 
 
 def run_name(config: Config, store_info: dict) -> str:
@@ -140,10 +219,13 @@ def train(
     console: Console | None = None,
     trace_dir: str | None = None,
     callbacks: list[UserCallback] | None = None,
+    fault: dict | None = None,
 ) -> tuple[Path, Path, dict]:
     """Train one run; returns (run dir, checkpoint dir, last reported metrics).
 
-    ``callbacks`` join the run's own (e.g. Tune's TuneReportCallback inside a sweep trial)."""
+    ``callbacks`` join the run's own (e.g. Tune's TuneReportCallback inside a sweep trial).
+    ``fault`` (tests only; also read as JSON from the environment variable ``CDD_RAY_TEST_FAULT``)
+    injects a worker fault, see ``cdd_ray.train.worker.Fault``."""
     console = console or Console()
     store = Path(config.data.path).resolve()
     store_info = check_store(store)
@@ -155,6 +237,7 @@ def train(
     if dashboard:
         console.print(f"Ray dashboard: {dashboard}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir, config)
 
     train_set = read_split(store, "train", config.data.category, config.data.image_size).materialize()
     manifest = partition_training_set(config, train_set, store)
@@ -169,7 +252,14 @@ def train(
         }
 
     use_gpu = cluster_has_gpus(config.ray.use_gpu)
-    loop_config = {"config": config_to_dict(config), "domain_manifest": manifest, "trace_dir": trace_dir}
+    if fault is None and os.environ.get(FAULT_ENV):
+        fault = json.loads(os.environ[FAULT_ENV])
+    loop_config = {
+        "config": config_to_dict(config),
+        "domain_manifest": manifest,
+        "trace_dir": trace_dir,
+        "fault": fault,
+    }
     progress_path = run_dir / PROGRESS_FILE
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -187,9 +277,9 @@ def train(
             callbacks=[ProgressFile(str(progress_path)), *(callbacks or [])],
         ),
         datasets=datasets,
-        dataset_config=DataConfig(
-            datasets_to_split=["train", "holdout"] if "holdout" in datasets else ["train"]
-        ),
+        # Every worker reads whole (small, per-category) datasets and keeps a shard chosen by sample
+        # id (RankData): Ray's streaming split hands blocks to whichever worker asks first.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     done = threading.Event()
     follower = threading.Thread(
@@ -198,6 +288,13 @@ def train(
     follower.start()
     try:
         result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
+        raise TrainingError(
+            f"run {name} failed ({_failure_summary(error)}). Run directory {run_dir}; "
+            + (f"last good checkpoint kept: {kept[-1]}; " if kept else "no checkpoint was written; ")
+            + "the same command resumes from it."
+        ) from error
     finally:
         done.set()
         follower.join()

@@ -12,13 +12,15 @@ stays in memory (per-category datasets are small), which also lets the frozen te
 cached (``train.teacher_cache``).
 
 ``loop_config["trace_dir"]`` (tests only) makes each rank log the sample ids of every batch and a
-digest of the global student's weights after each epoch.
+digest of the global student's weights after each epoch. ``loop_config["fault"]`` (tests only, see
+``Fault``) makes one rank's process exit, or stall, at a chosen batch of a chosen step, once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,20 +36,34 @@ from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.models.student import student_spec
 from cdd_ray.models.teacher import build_teacher
 from cdd_ray.train.checkpoint import load_domains, load_global, save_domains, save_global, unwrap
-from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches
+from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches, stage_plan
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
 
 
 class RankData:
-    """This rank's images in memory, with their ids, domains and (optionally) cached teacher features."""
+    """Images in memory, sorted by sample id, with their ids, domains and cached teacher features.
 
-    def __init__(self, iterator: ray.data.DataIterator | None, device: torch.device):
+    With ``shard=(rank, world_size)`` the rank keeps every world_size-th image of the sorted set: the
+    shard depends only on the data, never on which Ray Data block reached which worker first, so a
+    restarted or repeated run trains on exactly the same batches."""
+
+    def __init__(
+        self,
+        iterator: ray.data.DataIterator | None,
+        device: torch.device,
+        shard: tuple[int, int] | None = None,
+    ):
         rows = list(iterator.iter_batches(batch_size=256, batch_format="numpy")) if iterator else []
         rows = [r for r in rows if len(r["sample_id"])]
-        self.sample_ids = [sid for r in rows for sid in r["sample_id"]]
-        if rows:
-            self.images = torch.from_numpy(np.concatenate([r["image"] for r in rows]))
-            self.domains = torch.from_numpy(np.concatenate([r["domain"] for r in rows]))
+        ids = [str(sid) for r in rows for sid in r["sample_id"]]
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        if shard is not None:
+            order = order[shard[0] :: shard[1]]
+        self.sample_ids = [ids[i] for i in order]
+        if order:
+            keep = torch.as_tensor(order)
+            self.images = torch.from_numpy(np.concatenate([r["image"] for r in rows]))[keep]
+            self.domains = torch.from_numpy(np.concatenate([r["domain"] for r in rows]))[keep]
         else:
             self.images, self.domains = torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.int64)
         self.device = device
@@ -69,13 +85,8 @@ class RankData:
 
 
 def plan_stages(config: Config) -> list[tuple[int, tuple[str, ...]]]:
-    """(epoch, stages) per report: both stages each epoch, or all DST epochs then all CDKA epochs."""
-    epochs = config.train.epochs
-    if config.train.num_domains == 1:
-        return [(e, ("global",)) for e in range(epochs)]
-    if config.train.schedule == "alternate":
-        return [(e, ("dst", "global")) for e in range(epochs)]
-    return [(e, ("dst",)) for e in range(epochs)] + [(e, ("global",)) for e in range(epochs)]
+    """(epoch, stages) per report, from the run's configuration."""
+    return stage_plan(config.train.num_domains, config.train.epochs, config.train.schedule)
 
 
 def _digest(module: torch.nn.Module) -> str:
@@ -112,6 +123,34 @@ class Tracer:
                 out.write(json.dumps({"rank": self.rank, **event}) + "\n")
 
 
+class Fault:
+    """A test-only fault at batch ``batch`` of stage ``stage`` ("dst" or "global") of step ``step``
+    on rank ``rank``, fired once (a marker file records that it fired):
+
+    - ``action: exit``: the worker process exits, what a crashed node or an OOM kill looks like;
+    - ``action: stall``: the worker sleeps ``seconds``, so that a test can kill the driver mid-epoch;
+    - ``action: nan``: the batch's images become NaN, so the loss check fires as it would in a run.
+    """
+
+    def __init__(self, spec: dict | None, rank: int):
+        self.spec = spec if spec and spec.get("rank", 0) == rank else None
+
+    def __call__(self, stage: str, step: int, batch: int, images: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec is None or (stage, step, batch) != (spec.get("stage", "global"), spec["step"], spec["batch"]):
+            return images
+        marker = Path(spec["marker"])
+        if marker.exists():
+            return images
+        marker.write_text(f"{stage} step {step} batch {batch}\n")
+        action = spec.get("action", "exit")
+        if action == "exit":
+            os._exit(17)
+        if action == "stall":
+            time.sleep(float(spec.get("seconds", 60)))
+        return torch.full_like(images, float("nan")) if action == "nan" else images
+
+
 def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float:
     """The label-free proxy over all ranks' held-out shards (see cdd_ray.evaluate.proxy)."""
     losses = []
@@ -133,6 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     trace = Tracer(loop_config.get("trace_dir"), rank)
+    fault = Fault(loop_config.get("fault"), rank)
     num_domains = config.train.num_domains
 
     # 1. Models: seed-determined, so every rank builds the same initial students.
@@ -162,10 +202,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine.global_student = ray.train.torch.prepare_model(engine.global_student)
 
     # 3. Data: this rank's shard of the whole set, and the full data of each domain it owns.
-    shard = RankData(ray.train.get_dataset_shard("train"), device)
+    shard = RankData(ray.train.get_dataset_shard("train"), device, (rank, world_size))
     domain_data = {k: RankData(ray.train.get_dataset_shard(f"domain_{k}"), device) for k in owned}
     holdout = (
-        RankData(ray.train.get_dataset_shard("holdout"), device) if config.data.holdout_fraction else None
+        RankData(ray.train.get_dataset_shard("holdout"), device, (rank, world_size))
+        if config.data.holdout_fraction
+        else None
     )
     use_cache = config.train.teacher_cache
     replicas: dict = {}
@@ -181,11 +223,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 losses = {}
                 for k in owned:
                     data, values = domain_data[k], []
-                    for index in batches(torch.arange(len(data)), config.train.batch_size, generator):
+                    plan = batches(torch.arange(len(data)), config.train.batch_size, generator)
+                    for batch, index in enumerate(plan):
                         trace(
                             step=step, stage="dst", domain=k, sample_ids=[data.sample_ids[i] for i in index]
                         )
-                        images = data.images[index].to(device)
+                        images = fault("dst", step, batch, data.images[index].to(device))
                         values.append(engine.domain_step(k, images, data.features(engine, index, use_cache)))
                         images_seen += len(index)
                     losses[f"loss_domain_{k}"] = float(np.mean(values)) if values else float("nan")
@@ -199,13 +242,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 plan = batches(torch.arange(len(shard)), config.train.batch_size, generator)
                 steps = int(_all_reduce(len(plan), dist.ReduceOp.MIN))  # DDP needs equal step counts
                 values = []
-                for index in plan[:steps]:
+                for batch, index in enumerate(plan[:steps]):
                     trace(
                         step=step, stage="global", domain=-1, sample_ids=[shard.sample_ids[i] for i in index]
                     )
                     values.append(
                         engine.global_step(
-                            shard.images[index].to(device),
+                            fault("global", step, batch, shard.images[index].to(device)),
                             shard.domains[index].to(device),
                             students,
                             shard.features(engine, index, use_cache),

@@ -87,3 +87,25 @@ def test_prepare_writes_and_reuses_the_manifest(tmp_path):
     assert summary["manifest_reused"]
     injected = {r["sample_id"] for r in pq.read_table(tmp_path / SAMPLES_FILE).to_pylist() if r["injected"]}
     assert "weave/test/hole/001@train" in injected
+
+
+def test_concentrated_contamination_draws_one_defect_type_and_names_an_unknown_one():
+    source = read_source("synthetic", categories=["weave"], synthetic=SMALL)
+    plan = plan_contamination(source, ratio=0.1, seed=0, defect_types=["hole"])
+    types = {e.sample_id: e.defect_type for e in source}
+    assert len(plan.injected["weave"]) == 2 and {types[i] for i in plan.injected["weave"]} == {"hole"}
+    with pytest.raises(ContaminationError, match=r"defect type\(s\) \['dent'\].*'hole'"):
+        plan_contamination(source, ratio=0.1, defect_types=["dent"])
+
+
+def test_a_manifest_is_reused_only_for_the_same_defect_types(tmp_path):
+    out = tmp_path / "store"
+    prepare("synthetic", None, out, ["weave"], noise_ratio=0.1, synthetic=SMALL, defect_types=["hole"])
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["defect_types"] == ["hole"]
+    again = prepare(
+        "synthetic", None, out, ["weave"], noise_ratio=0.1, synthetic=SMALL, defect_types=["hole"]
+    )
+    assert again["manifest_reused"]
+    other = prepare("synthetic", None, out, ["weave"], noise_ratio=0.1, synthetic=SMALL)
+    assert not other["manifest_reused"]

@@ -103,3 +103,13 @@ def test_missing_weight_file_names_it(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(TeacherWeightsError, match="nope.pth"):
         build_teacher(TeacherConfig(backbone=TINY_BACKBONE, weights=str(missing)))
+
+
+def test_a_random_teacher_is_the_same_whatever_the_global_rng_drew_before():
+    config = TeacherConfig(backbone="test_resnet", pretrained=False)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        first = build_teacher(config).state_dict()
+    torch.rand(1000)  # another process, or another history, draws differently before building it
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        second = build_teacher(config).state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)

@@ -1,0 +1,107 @@
+"""Faults survived and refused: a worker killed mid-epoch, a NaN loss, a run directory that does not fit."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdd_ray.config import load_config
+from cdd_ray.train.checkpoint import CHECKPOINT_FORMAT_VERSION, GLOBAL_FILE, load_domains, load_global
+from cdd_ray.train.run import PROGRESS_FILE, RUN_FILE, RunDirError, check_run_dir, latest_checkpoint, train
+from tests.conftest import tiny_overrides
+from tests.train.test_distributed import read_trace
+
+FAULT_RUN = {"train.num_domains": 2, "train.epochs": 2, "train.checkpoint_every": 1, "ray.max_failures": 1}
+
+
+def checkpoint_epochs(run_dir: Path) -> list[int]:
+    return [
+        load_global(p)["epoch"] for p in sorted(run_dir.glob("checkpoint_*")) if (p / GLOBAL_FILE).is_file()
+    ]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_matches_an_uninterrupted_run(
+    ray_session, tiny_store, tmp_path
+):
+    storage = tmp_path / "runs"
+    reference = load_config(None, tiny_overrides(tiny_store, storage, name="uninterrupted", **FAULT_RUN))
+    _, ref_checkpoint, ref_metrics = train(reference)
+
+    faulted = load_config(None, tiny_overrides(tiny_store, storage, name="faulted", **FAULT_RUN))
+    marker, trace = tmp_path / "fault-fired", tmp_path / "trace"
+    trace.mkdir()
+    # Rank 1 exits after the first aggregation batch of epoch 2 (step 1): mid-epoch, after checkpoint 1.
+    fault = {"action": "exit", "rank": 1, "stage": "global", "step": 1, "batch": 1, "marker": str(marker)}
+    run_dir, checkpoint, metrics = train(faulted, trace_dir=str(trace), fault=fault)
+
+    assert marker.is_file(), "the fault never fired"
+    events = read_trace(trace)
+    first_batches = [e for e in events if e["rank"] == 1 and e["step"] == 1 and e["stage"] == "global"]
+    assert len(first_batches) > len({tuple(e["sample_ids"]) for e in first_batches}), "step 1 did not restart"
+    assert metrics["epoch"] == 2 and load_global(checkpoint)["epoch"] == 2
+    assert checkpoint_epochs(run_dir) == [1, 2]
+    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in reports] == [1, 2]
+    # Fixed seed, CPU: the restarted run is the uninterrupted one, weight for weight.
+    assert_same_weights(
+        load_global(checkpoint)["global_student"], load_global(ref_checkpoint)["global_student"]
+    )
+    students, _ = load_domains(checkpoint)
+    ref_students, _ = load_domains(ref_checkpoint)
+    for k in (0, 1):
+        assert_same_weights(students[k], ref_students[k])
+    assert metrics["loss_global"] == pytest.approx(ref_metrics["loss_global"], abs=1e-6)
+
+
+def test_non_finite_loss_names_epoch_stage_and_domain_and_keeps_the_last_good_checkpoint(
+    ray_session, tiny_store, tmp_path
+):
+    overrides = {**FAULT_RUN, "ray.max_failures": 0, "train.teacher_cache": "false", "name": "nan"}
+    config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
+    fault = {"action": "nan", "rank": 0, "stage": "dst", "step": 1, "batch": 0, "marker": str(tmp_path / "m")}
+    with pytest.raises(RuntimeError, match=r"epoch 2: loss is nan in DST of domain 0") as caught:
+        train(config, fault=fault)
+    run_dir = tmp_path / "runs" / "nan"
+    assert str(run_dir) in str(caught.value)
+    assert checkpoint_epochs(run_dir) == [1]
+    assert load_global(latest_checkpoint(run_dir))["epoch"] == 1
+
+
+def run_config(tmp_path: Path, tiny_store: Path, **extra):
+    return load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **extra))
+
+
+def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_path, tiny_store):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+    recorded = json.loads((run_dir / RUN_FILE).read_text())
+    assert recorded["config"]["train"]["num_domains"] == 2
+    # Same settings, more epochs: allowed (that is how a run is extended).
+    check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "train.epochs": 5}))
+    with pytest.raises(RunDirError, match=r"train\.num_domains: 2 there, 3 here"):
+        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 3}))
+
+    (run_dir / RUN_FILE).write_text(json.dumps({**recorded, "format_version": 0}))
+    with pytest.raises(RunDirError, match=rf"{run_dir}.*run format 0"):
+        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+
+    (run_dir / RUN_FILE).write_text(json.dumps(recorded))
+    old = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
+    old.mkdir()
+    torch.save({"format_version": CHECKPOINT_FORMAT_VERSION + 1}, old / GLOBAL_FILE)
+    with pytest.raises(
+        RunDirError, match=rf"cannot resume {run_dir}.*checkpoint format {CHECKPOINT_FORMAT_VERSION + 1}"
+    ):
+        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+
+    (run_dir / RUN_FILE).unlink()
+    with pytest.raises(RunDirError, match="has checkpoints but no run.json"):
+        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
