@@ -15,12 +15,15 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
-from cdd_ray.config import ConfigError, config_from_dict, load_config
+from cdd_ray.config import ConfigError, config_from_dict, config_to_dict, load_config
 from cdd_ray.data.contamination import ContaminationError
 from cdd_ray.data.domains import PartitionError
 from cdd_ray.data.images import BadImageError, MaskMismatchError
@@ -28,6 +31,7 @@ from cdd_ray.data.sources import SOURCE_KINDS, SourceError
 from cdd_ray.data.store import StoreError
 from cdd_ray.models.teacher import TeacherWeightsError
 from cdd_ray.train.checkpoint import CheckpointError
+from cdd_ray.train.errors import RunDirError, TrainingError
 
 USER_ERRORS = (
     ConfigError,
@@ -39,6 +43,8 @@ USER_ERRORS = (
     StoreError,
     TeacherWeightsError,
     CheckpointError,
+    RunDirError,
+    TrainingError,
     FileNotFoundError,
 )
 
@@ -80,7 +86,16 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.train.run import run_experiment
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        console.print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        console.print("configuration valid; --dry-run: nothing started")
+        return
     outcome = run_experiment(config, console)
+    if not outcome.metrics:
+        console.print(
+            f"trained; test set not scored (eval.score_test=false). Checkpoint: {outcome.checkpoint_dir}"
+        )
+        return
     print_metrics_table({outcome.run_dir.name: outcome.metrics}, console)
     console.print(f"metrics: {outcome.run_dir / 'metrics.json'}")
 
@@ -112,14 +127,28 @@ def _sweep(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.tune.spec import load_sweep
     from cdd_ray.tune.sweep import run_sweep
 
-    outcome = run_sweep(load_sweep(Path(args.spec), args.overrides), resume=args.resume, console=console)
+    spec = load_sweep(Path(args.spec), args.overrides)
+    if args.dry_run:
+        load_config(spec.base_config, spec.overrides)
+        console.print(f"sweep {spec.name}: space {spec.search_space}, objective {spec.metric} ({spec.mode})")
+        console.print("sweep and base configuration valid; --dry-run: nothing started")
+        return
+    outcome = run_sweep(spec, resume=args.resume, console=console)
     console.print(f"trials: {outcome['sweep_dir'] / 'trials.parquet'} and trials.csv")
 
 
 def _grid(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.tune.grid import load_grid, run_grid
 
-    outcome = run_grid(load_grid(Path(args.spec), args.overrides), resume=args.resume, console=console)
+    spec = load_grid(Path(args.spec), args.overrides)
+    if args.dry_run:
+        for overrides in spec.methods.values():
+            load_config(spec.base_config, [*spec.overrides, *overrides])
+        cells = len(spec.categories) * len(spec.noise_ratios) * len(spec.overlap) * len(spec.seeds)
+        console.print(f"grid {spec.name}: {cells * len(spec.methods)} runs ({', '.join(spec.methods)})")
+        console.print("grid and method configurations valid; --dry-run: nothing started")
+        return
+    outcome = run_grid(spec, resume=args.resume, console=console)
     console.print(f"summary: {outcome['summary_markdown']}")
 
 
@@ -127,6 +156,33 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, console=console)
+
+
+def _submit(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.submit import follow_instructions, job_request, submit
+
+    inner_args = args.inner[1:] if args.inner[:1] == ["--"] else args.inner
+    if not inner_args or inner_args[0] in ("submit", "demo"):
+        raise ConfigError("submit needs the cdd-ray command to run after --, e.g. `-- train --config FILE`")
+    inner = build_parser().parse_args(inner_args)  # a bad inner command exits here, before any upload
+    if getattr(inner, "config", None) or inner.command == "train":
+        load_config(inner.config, inner.overrides)
+    request = job_request(inner_args, inner, Path(args.working_dir).resolve(), args.job_id)
+    if args.dry_run:
+        print(json.dumps(request, indent=2))  # plain: rich would wrap the JSON
+        console.print(f"--dry-run: nothing submitted to {args.address}")
+        return
+    job_id, status = submit(request, args.address, args.follow)
+    for line in follow_instructions(args.address, job_id):
+        console.print(line, markup=False)
+    if status is not None:
+        console.print(f"job {job_id} ended: {status}")
+        if status != "SUCCEEDED":
+            raise JobFailedError(f"job {job_id} ended {status}")
+
+
+class JobFailedError(RuntimeError):
+    """A followed job ended in another state than SUCCEEDED."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train and evaluate one run (key=value overrides)")
     train.add_argument("--config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_domains=3")
+    train.add_argument("--dry-run", action="store_true", help="check the configuration, start nothing")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="score the test set with a run's last checkpoint")
@@ -176,18 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("spec", help="sweep YAML, e.g. sweeps/domains_and_weights.yaml")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides of the trials' run config")
     sweep.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    sweep.add_argument("--dry-run", action="store_true", help="check the sweep and its config, start nothing")
     sweep.set_defaults(handler=_sweep)
 
     grid = commands.add_parser("grid", help="category x noise x overlap x seed x method benchmark grid")
     grid.add_argument("spec", help="grid YAML, e.g. sweeps/fuad_grid.yaml")
     grid.add_argument("overrides", nargs="*", help="dotted overrides of the trials' run config")
     grid.add_argument("--resume", action="store_true", help="finish an interrupted grid")
+    grid.add_argument("--dry-run", action="store_true", help="check the grid and its configs, start nothing")
     grid.set_defaults(handler=_grid)
 
     demo = commands.add_parser("demo", help="RD vs CDD on the synthetic benchmark with 10%% noise")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--quick", action="store_true", help="tiny images, sets and epochs (tests)")
     demo.set_defaults(handler=_demo)
+
+    submit = commands.add_parser(
+        "submit",
+        help="run a cdd-ray command as a Ray job: cdd-ray submit --address URL -- train ...",
+    )
+    submit.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the cluster's dashboard/job address (default: RAY_ADDRESS or http://127.0.0.1:8265)",
+    )
+    submit.add_argument("--job-id", help="submission id (default: derived from the command)")
+    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir")
+    submit.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status")
+    submit.add_argument("--dry-run", action="store_true", help="check and print the job, submit nothing")
+    submit.add_argument("inner", nargs=argparse.REMAINDER, help="-- then the cdd-ray command to run")
+    submit.set_defaults(handler=_submit)
     return parser
 
 
@@ -196,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         args.handler(args, console)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, JobFailedError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
     return 0

@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class RayConfig:
     num_workers: int = 2
@@ -59,6 +62,7 @@ class RayConfig:
     max_failures: int = 0
     storage_path: str = "runs"
     eval_batch_size: int = 32
+    placement_strategy: str = "PACK"  # SPREAD: one worker per node where it can (Ray placement groups)
 
 
 @dataclass
@@ -185,6 +189,11 @@ def validate(config: Config) -> Config:
     _check(config.objective.gating_temperature > 0, "objective.gating_temperature", "must be positive")
     _check(config.ray.num_workers >= 0, "ray.num_workers", "must be >= 0 (0 runs in the driver)")
     _check(config.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be positive")
+    _check(
+        config.ray.placement_strategy in PLACEMENT_STRATEGIES,
+        "ray.placement_strategy",
+        f"must be one of {PLACEMENT_STRATEGIES}",
+    )
     _check(config.ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
     _check(config.eval.sigma >= 0, "eval.sigma", "must be >= 0")
     _check(0 < config.eval.fpr_limit <= 1, "eval.fpr_limit", "must lie in (0, 1]")

@@ -216,9 +216,11 @@ def read_source(
     if root is None or not Path(root).is_dir():
         raise SourceError(f"source folder {root} does not exist")
     root = Path(root)
+    expected = list(categories or [])  # every category asked for, or found on disk, needs training images
     if kind == "mvtec":
         found = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
-        entries = [e for c in (categories or found) for e in _mvtec_category(root, c)]
+        expected = expected or found
+        entries = [e for c in expected for e in _mvtec_category(root, c)]
     elif kind == "visa":
         if (root / "split_csv" / "1cls.csv").is_file():
             entries = _visa_csv(root, categories)
@@ -240,7 +242,7 @@ def read_source(
         raise SourceError(f"unknown source kind {kind!r}; choose from {SOURCE_KINDS}")
     if not entries:
         raise SourceError(f"{root}: no images found for categories {categories or 'any'}")
-    for category in {e.category for e in entries}:
+    for category in sorted(set(expected) | {e.category for e in entries}):
         if not any(e.category == category and e.split == "train" for e in entries):
             raise SourceError(f"{root}: category {category!r} has no training images")
     return entries

@@ -31,6 +31,7 @@ from cdd_ray.evaluate.ray_eval import score_test_set
 from cdd_ray.evaluate.report import summarize, write_overlays
 from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
 from cdd_ray.train.checkpoint import CheckpointError, load_global
+from cdd_ray.train.errors import RunDirError, TrainingError
 from cdd_ray.train.worker import plan_stages, train_loop_per_worker
 
 PROGRESS_FILE = "progress.jsonl"
@@ -52,10 +53,6 @@ RESUME_KEYS = (
 )
 
 
-class TrainingError(RuntimeError):
-    """A run that failed after its retries; the message says where, why, and what was kept."""
-
-
 def _failure_summary(error: Exception) -> str:
     """The last line of each worker's error (e.g. "epoch 2: loss is nan in DST of domain 0")."""
     failures = getattr(error, "worker_failures", None) or {}
@@ -67,10 +64,6 @@ def _failure_summary(error: Exception) -> str:
         text = str(error).strip().splitlines()
         lines.append(text[-1] if text else type(error).__name__)
     return "; ".join(dict.fromkeys(lines))
-
-
-class RunDirError(RuntimeError):
-    """A run directory that this configuration cannot continue; the message names it and why."""
 
 
 @dataclass
@@ -259,6 +252,8 @@ def train(
         "domain_manifest": manifest,
         "trace_dir": trace_dir,
         "fault": fault,
+        "run_name": name,
+        "run_dir": str(run_dir),
     }
     progress_path = run_dir / PROGRESS_FILE
     trainer = TorchTrainer(
@@ -268,6 +263,7 @@ def train(
             num_workers=config.ray.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=config.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -319,7 +315,8 @@ def run_experiment(
     config: Config, console: Console | None = None, trace_dir: str | None = None
 ) -> RunOutcome:
     run_dir, checkpoint_dir, train_metrics = train(config, console, trace_dir)
-    metrics = evaluate(config, run_dir, checkpoint_dir)
+    # eval.score_test=false: no labeled test set (or no wish to score it now); `cdd-ray evaluate` later.
+    metrics = evaluate(config, run_dir, checkpoint_dir) if config.eval.score_test else {}
     return RunOutcome(run_dir, checkpoint_dir, metrics, train_metrics)
 
 

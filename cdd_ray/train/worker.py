@@ -32,12 +32,14 @@ import torch
 import torch.distributed as dist
 
 from cdd_ray.config import Config, config_from_dict
+from cdd_ray.data.store import write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.models.student import student_spec
 from cdd_ray.models.teacher import build_teacher
 from cdd_ray.train.checkpoint import load_domains, load_global, save_domains, save_global, unwrap
 from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches, stage_plan
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
+from cdd_ray.train.monitoring import RunGauges
 
 
 class RankData:
@@ -151,6 +153,29 @@ class Fault:
         return torch.full_like(images, float("nan")) if action == "nan" else images
 
 
+WORKERS_FILE = "workers.json"
+
+
+def record_workers(run_dir: str | None, rank: int, owned: list[int], device: torch.device) -> None:
+    """Rank 0 writes workers.json in the run directory: where each rank ran and what it trained."""
+    import socket
+
+    me = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+        "domains": list(owned),
+    }
+    everyone = [me]
+    if dist.is_available() and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+    if rank == 0 and run_dir:
+        write_json(Path(run_dir) / WORKERS_FILE, {"workers": everyone})
+
+
 def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float:
     """The label-free proxy over all ranks' held-out shards (see cdd_ray.evaluate.proxy)."""
     losses = []
@@ -173,12 +198,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     trace = Tracer(loop_config.get("trace_dir"), rank)
     fault = Fault(loop_config.get("fault"), rank)
+    gauges = RunGauges(loop_config.get("run_name", "cdd-ray"), rank)
     num_domains = config.train.num_domains
 
     # 1. Models: seed-determined, so every rank builds the same initial students.
     teacher = build_teacher(config.teacher).to(device)
     spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone)
     owned = owned_domains(num_domains, rank, world_size)
+    record_workers(loop_config.get("run_dir"), rank, owned, device)
     engine = CDDEngine.create(
         teacher, spec, num_domains, config.objective, config.optim, owned, config.train.seed
     )
@@ -267,6 +294,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["images_per_second_per_worker"] = images_seen / elapsed
         metrics["images_per_second"] = _all_reduce(images_seen) / elapsed
         metrics["stage"] = "+".join(stage_names)
+        gauges.update(metrics)
         last = step + 1 == len(stages)
         if (step + 1) % config.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as directory:

@@ -1,0 +1,111 @@
+"""`cdd-ray submit`: run a cdd-ray command as a Ray job on a cluster (the `ray job submit` path).
+
+The job's entrypoint is the cdd-ray command itself; the local checkout travels as the job's
+working_dir (so the cluster runs the code you have, on the packages its image pins), and the job id
+says what runs: ``cdd-train-weave-cdd-k3-seed0-20261128-153000``.
+
+The command checks the inner cdd-ray command first (arguments, config keys and values), so a typo
+fails here in a second instead of on the cluster after a queue wait. Token authentication: the Ray
+client sends the token it finds in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (see
+cluster/README.md); nothing here handles or prints it.
+
+Example::
+
+    cdd-ray submit --address http://127.0.0.1:8265 -- train --config cluster/configs/mvtec_cdd.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+# Paths a job's working_dir never needs: environments, outputs, data, VCS.
+WORKING_DIR_EXCLUDES = [
+    "/.git",
+    "/.venv",
+    "**/__pycache__",
+    "/runs",
+    "/demo_out",
+    "/grids_out",
+    "/sweeps_out",
+    "/bench_out",
+    "/data",
+    "*.pt",
+    "*.parquet",
+]
+JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def describe(inner: argparse.Namespace) -> str:
+    """What the inner command runs, for the job id: command, category, method, K, seed."""
+    command = inner.command
+    if command == "train":
+        from cdd_ray.config import load_config
+
+        config = load_config(inner.config, inner.overrides)
+        if config.name:
+            return f"train-{config.name}"
+        method = "rd" if config.train.num_domains == 1 else f"cdd-k{config.train.num_domains}"
+        return f"train-{config.data.category or 'all'}-{method}-seed{config.train.seed}"
+    if command in ("sweep", "grid"):
+        return f"{command}-{Path(inner.spec).stem}"
+    return command
+
+
+def submission_id(description: str, now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"cdd-{description}-{stamp}")
+
+
+def job_request(
+    inner_args: list[str], inner: argparse.Namespace, working_dir: Path, job_id: str | None
+) -> dict:
+    """The keyword arguments of JobSubmissionClient.submit_job for this cdd-ray command."""
+    import shlex
+
+    return {
+        "entrypoint": shlex.join(["cdd-ray", *inner_args]),
+        "submission_id": job_id or submission_id(describe(inner)),
+        "runtime_env": {
+            "working_dir": str(working_dir),
+            "excludes": WORKING_DIR_EXCLUDES,
+            "env_vars": JOB_ENV,
+        },
+        "metadata": {"tool": "cdd-ray", "command": inner.command},
+    }
+
+
+def follow_instructions(address: str, job_id: str) -> list[str]:
+    return [
+        f"job id: {job_id}",
+        f"follow logs:  ray job logs --follow {job_id} --address {address}",
+        f"status:       ray job status {job_id} --address {address}",
+        f"stop:         ray job stop {job_id} --address {address}",
+        f"dashboard:    {address}/#/jobs/{job_id} (through `ray dashboard CLUSTER.yaml` or an SSH tunnel;"
+        " never expose port 8265)",
+    ]
+
+
+def submit(request: dict, address: str, follow: bool) -> tuple[str, str | None]:
+    """Submits; with ``follow`` streams the logs until the job ends. Returns (job id, final status)."""
+    import asyncio
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(**request)
+    if not follow:
+        return job_id, None
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    return job_id, str(status.value if hasattr(status, "value") else status)
