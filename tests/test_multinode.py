@@ -90,15 +90,13 @@ class TwoNodeCluster:
         self.wait_for_nodes(2)
 
     def run(self, args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            args, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout
-        )
+        return subprocess.run(args, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         probe = (
-            "import ray; ray.init(address='{a}', logging_level='ERROR'); "
+            f"import ray; ray.init(address='{self.gcs_address}', logging_level='ERROR'); "
             "print(sum(1 for n in ray.nodes() if n['Alive']))"
-        ).format(a=self.gcs_address)
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for node in self.nodes:
@@ -215,7 +213,8 @@ def test_two_nodes_spread_domain_students_and_run_a_token_authenticated_job(two_
     assert json.loads((out / "store.json").read_text())["counts"]
 
     status = two_nodes.run(
-        [str(BIN / "ray"), "job", "status", "cdd-multinode-test", "--address", two_nodes.dashboard_url], timeout=60
+        [str(BIN / "ray"), "job", "status", "cdd-multinode-test", "--address", two_nodes.dashboard_url],
+        timeout=60,
     )
     assert "SUCCEEDED" in status.stdout + status.stderr
     no_token = {k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_TOKEN"}
