@@ -1,15 +1,21 @@
 """Drivers killed or interrupted from outside: the same command (or --resume) finishes the work.
 
-The commands run as subprocesses attached to the session's Ray cluster (RAY_ADDRESS), as a user's
-`cdd-ray` would attach to a cluster; killing the driver takes its Train controller and workers along.
+`cdd-ray train` runs as a subprocess attached to the session's Ray cluster (RAY_ADDRESS), as a user's
+driver attaches to a cluster: killing it takes its Train controller and workers along. The sweep
+driver starts its own local Ray, as on a laptop, and gets Ctrl-C (SIGINT).
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pandas as pd
+import yaml
 
 from cdd_ray.train.checkpoint import load_global
 from cdd_ray.train.run import FAULT_ENV, PROGRESS_FILE, latest_checkpoint
@@ -61,3 +67,62 @@ def test_killed_train_driver_then_the_same_command_resumes(ray_session, tiny_sto
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert epochs_reported(run_dir) == [1, 2, 3], "the second command did not continue from epoch 1"
     assert load_global(latest_checkpoint(run_dir))["epoch"] == 3
+
+
+def terminated_trials(experiment: Path) -> set[str]:
+    """Trial ids that Tune's own experiment state records as finished (what a restore keeps)."""
+    finished = set()
+    for state_file in experiment.glob("experiment_state-*.json"):
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError:  # being rewritten right now
+            continue
+        for trial_json, _ in state["trial_data"]:
+            trial = json.loads(trial_json)
+            if trial["status"] == "TERMINATED":
+                finished.add(trial["trial_id"])
+    return finished
+
+
+def test_sigint_to_a_sweep_then_resume_runs_only_the_unfinished_trials(ray_session, tiny_store, tmp_path):
+    """The sweep driver runs its own local Ray (as on a laptop), beside the session's cluster."""
+    overrides = tiny_overrides(
+        tiny_store,
+        tmp_path / "unused",
+        **{"ray.num_workers": 1, "ray.cpus_per_worker": 1, "eval.score_test": "false"},
+        **{"data.holdout_fraction": 0.2, "train.epochs": 2},
+    )
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "interrupted",
+                "overrides": overrides,
+                "search_space": {"train.num_domains": {"grid": [1, 2, 3]}},
+                "objective": {"metric": "proxy_loss", "mode": "min"},
+                "storage_path": str(tmp_path / "sweeps"),
+            }
+        )
+    )
+    sweep_dir = tmp_path / "sweeps" / "interrupted"
+    env = {**os.environ, "CDD_RAY_DASHBOARD": "0", "RAY_TMPDIR": tempfile.mkdtemp(prefix="cddsig")}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "first.log").open("w")
+    with subprocess.Popen(cli("sweep", str(spec)), env=env, stdout=log, stderr=subprocess.STDOUT) as sweep:
+        wait_for(lambda: terminated_trials(sweep_dir / "trials"), 600, sweep, "a first finished trial")
+        sweep.send_signal(signal.SIGINT)
+        sweep.wait(timeout=240)
+    finished = terminated_trials(sweep_dir / "trials")
+    assert 1 <= len(finished) < 3, f"trials finished before the interrupt: {finished}"
+    runs = {trial: sweep_dir / "runs" / f"run_trial_{trial}" / PROGRESS_FILE for trial in finished}
+    before = {trial: path.read_text() for trial, path in runs.items()}
+
+    resumed = subprocess.run(
+        cli("sweep", str(spec), "--resume"), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for trial, path in runs.items():
+        assert path.read_text() == before[trial], f"finished trial {trial} was run again"
+    trials = pd.read_csv(sweep_dir / "trials.csv")
+    assert sorted(trials["config/train.num_domains"]) == [1, 2, 3] and trials["proxy_loss"].notna().all()
+    assert terminated_trials(sweep_dir / "trials") == set(trials["trial_id"])

@@ -74,13 +74,24 @@ class RunOutcome:
     train_metrics: dict
 
 
+def _differences(previous: dict, wanted: dict) -> list[str]:
+    return [
+        f"{section}.{key}: {previous.get(section, {}).get(key)!r} there, {wanted[section][key]!r} here"
+        for section, key in RESUME_KEYS
+        if previous.get(section, {}).get(key) != wanted[section][key]
+    ]
+
+
 def check_run_dir(run_dir: Path, config: Config) -> None:
     """Refuse to continue a run directory written by another format or with other settings.
 
     Same name + storage path resumes (Ray Train's behaviour); this check turns a silent mix of two
-    experiments, or an unreadable old checkpoint, into an error before any worker starts."""
+    experiments, or an unreadable old checkpoint, into an error before any worker starts. A run
+    directory without ``run.json`` (written before it existed) is judged by its last checkpoint's
+    config."""
     run_file = run_dir / RUN_FILE
     wanted = config_to_dict(config)
+    previous = None
     if run_file.is_file():
         try:
             recorded = json.loads(run_file.read_text())
@@ -94,24 +105,19 @@ def check_run_dir(run_dir: Path, config: Config) -> None:
                 f"version writes {RUN_FORMAT_VERSION}: choose another `name` or move the directory away"
             )
         previous = recorded.get("config", {})
-        differences = [
-            f"{section}.{key}: {previous.get(section, {}).get(key)!r} there, {wanted[section][key]!r} here"
-            for section, key in RESUME_KEYS
-            if previous.get(section, {}).get(key) != wanted[section][key]
-        ]
-        if differences:
-            raise RunDirError(
-                f"{run_dir} holds a run with other settings ({'; '.join(differences)}); the same name "
-                "resumes a run, so choose another `name` or move the directory away"
-            )
-    elif any(run_dir.glob("checkpoint_*")):
-        raise RunDirError(f"{run_dir} has checkpoints but no {RUN_FILE}: not a run of this cdd-ray version")
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
     if checkpoints:
         try:
-            load_global(checkpoints[-1])
+            state = load_global(checkpoints[-1])
         except CheckpointError as error:
             raise RunDirError(f"cannot resume {run_dir}: {error}") from error
+        previous = previous if previous is not None else state.get("config", {})
+    differences = _differences(previous, wanted) if previous is not None else []
+    if differences:
+        raise RunDirError(
+            f"{run_dir} holds a run with other settings ({'; '.join(differences)}); the same name "
+            "resumes a run, so choose another `name` or move the directory away"
+        )
     if not run_file.is_file():
         write_json(run_file, {"format_version": RUN_FORMAT_VERSION, "config": wanted})
 

@@ -97,11 +97,15 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
     old = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
     old.mkdir()
     torch.save({"format_version": CHECKPOINT_FORMAT_VERSION + 1}, old / GLOBAL_FILE)
-    with pytest.raises(
-        RunDirError, match=rf"cannot resume {run_dir}.*checkpoint format {CHECKPOINT_FORMAT_VERSION + 1}"
-    ):
+    version = CHECKPOINT_FORMAT_VERSION + 1
+    with pytest.raises(RunDirError, match=rf"cannot resume {run_dir}.*checkpoint format {version}"):
         check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
 
+    # A run directory from before run.json existed is judged by its last checkpoint's config.
     (run_dir / RUN_FILE).unlink()
-    with pytest.raises(RunDirError, match="has checkpoints but no run.json"):
-        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+    torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, "config": recorded["config"]}, old / GLOBAL_FILE)
+    with pytest.raises(RunDirError, match=r"train\.num_domains: 2 there, 4 here"):
+        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 4}))
+    assert not (run_dir / RUN_FILE).exists()
+    check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+    assert json.loads((run_dir / RUN_FILE).read_text())["config"] == recorded["config"]
