@@ -13,7 +13,7 @@ cached (``train.teacher_cache``).
 
 ``loop_config["trace_dir"]`` (tests only) makes each rank log the sample ids of every batch and a
 digest of the global student's weights after each epoch. ``loop_config["fault"]`` (tests only, see
-``Fault``) makes one rank's process exit, or stall, at a chosen batch of a chosen step, once.
+``Fault``) makes one rank exit, stall or see NaN images at a chosen batch of a chosen step, once.
 """
 
 from __future__ import annotations
