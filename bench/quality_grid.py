@@ -30,11 +30,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
+from synthetic_quality import load  # bench/ is on sys.path when run as a script
 
 from cdd_ray.data.domains import assign_domains, domain_report
-from cdd_ray.data.images import decode_images, decode_masks
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
 from cdd_ray.data.synthetic import CATEGORIES, DEFECTS
@@ -46,18 +45,6 @@ from cdd_ray.models.teacher import TeacherConfig, build_teacher, pooled_embeddin
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-
-
-def load(store: Path, category: str, split: str, size: int) -> dict:
-    table = pq.read_table(store / SAMPLES_FILE, filters=[("category", "=", category), ("split", "=", split)])
-    ids = table["sample_id"].to_pylist()
-    return {
-        "ids": ids,
-        "images": torch.from_numpy(decode_images(table["image"].to_pylist(), ids, size)),
-        "labels": np.asarray(table["label"].to_pylist()),
-        "masks": decode_masks(table["mask"].to_pylist(), ids, size),
-        "injected": np.asarray(table["injected"].to_pylist()),
-    }
 
 
 def run_cell(teacher, train: dict, test: dict, cell: dict, epochs: int, size: int) -> dict:
