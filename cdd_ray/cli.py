@@ -165,7 +165,7 @@ def _submit(args: argparse.Namespace, console: Console) -> None:
     if not inner_args or inner_args[0] in ("submit", "demo"):
         raise ConfigError("submit needs the cdd-ray command to run after --, e.g. `-- train --config FILE`")
     inner = build_parser().parse_args(inner_args)  # a bad inner command exits here, before any upload
-    if getattr(inner, "config", None) or inner.command == "train":
+    if inner.command == "train":
         load_config(inner.config, inner.overrides)
     request = job_request(inner_args, inner, Path(args.working_dir).resolve(), args.job_id)
     if args.dry_run:
