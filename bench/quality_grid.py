@@ -8,6 +8,8 @@ Studies (``--study``):
               epoch together, the global student another N/B)
     cdd       CDD, K = 2, shipped defaults (random partition, mean aggregation, no gating)
   noise 0 gives the "clean" rows (RD clean, CDD clean).
+- ``followup``: the ablation's best settings together (lambda_teacher = 2, schedule sequential) with
+  K = 2 and K = 3, on the main study's grid (same stores and seeds: report it next to ``main``).
 - ``concentrated``: noise 0.2 drawn from ONE defect type per category, RD against CDD with each
   partition strategy (random, cluster, outlier); records the injected share of every domain.
 - ``ablation``: one category and noise ratio; K, lambda_teacher / lambda_cross, gating and its
@@ -61,7 +63,15 @@ def run_cell(teacher, train: dict, test: dict, cell: dict, epochs: int, size: in
     else:
         domains, shares = np.zeros(len(train["ids"]), dtype=np.int64), []
     spec = student_spec(teacher.channels, teacher.reductions, "tf_efficientnet_lite0")
-    engine = CDDEngine.create(teacher, spec, k, cell["objective"], OptimConfig(), seed=cell["seed"])
+    engine = CDDEngine.create(
+        teacher,
+        spec,
+        k,
+        cell["objective"],
+        OptimConfig(),
+        seed=cell["seed"],
+        excluded_sources=cell.get("excluded_sources", ()),
+    )
     steps = []
     fit_in_process(
         engine,
@@ -99,6 +109,18 @@ def cells(study: str, args) -> list[dict]:
                 for category in args.categories:
                     for method, spec in methods.items():
                         out.append(dict(category=category, noise=noise, seed=seed, method=method, **spec))
+    elif study == "followup":
+        # the ablation's two strongest single changes together, before they become defaults
+        tuned = replace(base, lambda_teacher=2.0)
+        methods = {
+            "cdd_t2_seq": dict(k=2, objective=tuned, schedule="sequential", epochs=args.epochs),
+            "cdd_t2_seq_k3": dict(k=3, objective=tuned, schedule="sequential", epochs=args.epochs),
+        }
+        for noise in args.noise:
+            for seed in args.seeds:
+                for category in args.categories:
+                    for method, spec in methods.items():
+                        out.append(dict(category=category, noise=noise, seed=seed, method=method, **spec))
     elif study == "concentrated":
         for seed in args.seeds:
             for category in args.categories:
@@ -115,6 +137,21 @@ def cells(study: str, args) -> list[dict]:
                             k=2,
                             epochs=args.epochs,
                             partition=partition,
+                        )
+                    )
+                # K = 3 outlier: domain 0 holds the suspicious third; "trusted" keeps its student out
+                # of every image's pseudo-normal targets (clean domains learn only from each other)
+                for method, excluded in (("cdd_outlier_k3", ()), ("cdd_outlier_k3_trusted", (0,))):
+                    out.append(
+                        dict(
+                            category=category,
+                            noise=0.2,
+                            seed=seed,
+                            method=method,
+                            k=3,
+                            epochs=args.epochs,
+                            partition="outlier",
+                            excluded_sources=excluded,
                         )
                     )
     elif study == "ablation":
@@ -153,13 +190,15 @@ def cells(study: str, args) -> list[dict]:
     return out
 
 
-def store_for(work: Path, noise: float, seed: int, concentrated: bool, categories: list[str]) -> dict:
-    """Prepared store per (noise, seed[, concentrated]); the synthetic images stay the same."""
-    path = work / f"store-{noise}-{seed}-{'conc' if concentrated else 'all'}"
-    if not (path / SAMPLES_FILE).is_file():
-        if concentrated:
-            # one defect type per category: the first of each category's list
-            for category in categories:
+def store_for(work: Path, noise: float, seed: int, concentrated: bool) -> dict:
+    """Prepared store per (noise, seed[, concentrated]) holding every category, so a run over fewer
+    categories (``--categories``) reuses the same images and the same injected set."""
+    categories = sorted(CATEGORIES)
+    path = work / f"store-{noise}-{seed}-{'conc' if concentrated else 'all'}-{'+'.join(categories)}"
+    if concentrated:
+        # one defect type per category: the first of each category's list
+        for category in categories:
+            if not (path / category / SAMPLES_FILE).is_file():
                 prepare(
                     "synthetic",
                     None,
@@ -169,10 +208,9 @@ def store_for(work: Path, noise: float, seed: int, concentrated: bool, categorie
                     seed=seed,
                     defect_types=[DEFECTS[category][0]],
                 )
-            return {c: path / c for c in categories}
-        prepare("synthetic", None, path, categories, noise_ratio=noise, seed=seed)
-    if concentrated:
         return {c: path / c for c in categories}
+    if not (path / SAMPLES_FILE).is_file():
+        prepare("synthetic", None, path, categories, noise_ratio=noise, seed=seed)
     return {c: path for c in categories}
 
 
@@ -188,7 +226,7 @@ def run(args) -> None:
     teacher = build_teacher(TeacherConfig())
     work = Path(args.work or tempfile.mkdtemp(prefix="cddquality"))
     for i, cell in enumerate(todo):
-        stores = store_for(work, cell["noise"], cell["seed"], args.study == "concentrated", args.categories)
+        stores = store_for(work, cell["noise"], cell["seed"], args.study == "concentrated")
         store = stores[cell["category"]]
         train = load(store, cell["category"], "train", args.size)
         test = load(store, cell["category"], "test", args.size)
@@ -245,7 +283,7 @@ def report(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--study", choices=("main", "concentrated", "ablation"), default="main")
+    parser.add_argument("--study", choices=("main", "followup", "concentrated", "ablation"), default="main")
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)

@@ -36,6 +36,8 @@ from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 def load(store: Path, category: str, split: str, size: int) -> dict:
     table = pq.read_table(store / SAMPLES_FILE, filters=[("category", "=", category), ("split", "=", split)])
     ids = table["sample_id"].to_pylist()
+    if not ids:
+        raise ValueError(f"{store / SAMPLES_FILE} has no {split} images of category {category!r}")
     return {
         "ids": ids,
         "images": torch.from_numpy(decode_images(table["image"].to_pylist(), ids, size)),

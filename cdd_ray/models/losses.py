@@ -73,11 +73,16 @@ def rd_loss(
 
 
 def pseudo_normal_targets(
-    domain_outputs: list[list[torch.Tensor]], domain_ids: torch.Tensor, aggregation: str = "mean"
+    domain_outputs: list[list[torch.Tensor]],
+    domain_ids: torch.Tensor,
+    aggregation: str = "mean",
+    excluded_sources: tuple[int, ...] = (),
 ) -> list[torch.Tensor]:
     """For each image of domain k, aggregate the outputs of the students of every domain j != k.
 
     ``domain_outputs[j][level]`` is student j's output for the whole batch. Needs K >= 2.
+    ``excluded_sources``: domains whose students never give targets (e.g. the outlier partition's
+    suspicious domains); every image must keep at least one source.
     """
     num_domains = len(domain_outputs)
     if num_domains < 2:
@@ -87,6 +92,16 @@ def pseudo_normal_targets(
     if int(domain_ids.min()) < 0 or int(domain_ids.max()) >= num_domains:
         raise ValueError(f"domain ids must lie in [0, {num_domains}), got {domain_ids.tolist()}")
     others = torch.arange(num_domains, device=domain_ids.device)[:, None] != domain_ids[None, :]  # (K, B)
+    if excluded_sources:
+        if any(not 0 <= j < num_domains for j in excluded_sources):
+            raise ValueError(f"excluded_sources {excluded_sources} must lie in [0, {num_domains})")
+        others[list(excluded_sources)] = False
+        if not bool(others.any(0).all()):
+            raise ValueError(
+                f"with sources {sorted(set(range(num_domains)) - set(excluded_sources))} excluded "
+                f"{list(excluded_sources)}, some images of domains {sorted(set(domain_ids.tolist()))} "
+                "have no other domain's student to learn from"
+            )
     targets = []
     for level in range(len(domain_outputs[0])):
         stacked = torch.stack([outputs[level] for outputs in domain_outputs])  # (K, B, C, H, W)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -41,10 +42,15 @@ def _save(path: Path, payload: dict) -> None:
     temporary.replace(path)
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file missing")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: damaged or not a cdd-ray checkpoint ({error})") from error
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a cdd-ray checkpoint (holds {type(payload).__name__})")
     version = payload.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(
@@ -93,8 +99,10 @@ def save_domains(
     )
 
 
-def load_global(directory: Path) -> dict:
-    return _load(Path(directory) / GLOBAL_FILE)
+def load_global(directory: Path, mmap: bool = False) -> dict:
+    """``mmap=True`` maps the tensors instead of reading them: cheap when only the header (epoch,
+    config, manifest) is needed, e.g. to check a run directory before resuming it."""
+    return _load(Path(directory) / GLOBAL_FILE, mmap)
 
 
 def load_domains(directory: Path) -> tuple[dict[int, dict], dict[int, dict]]:

@@ -69,12 +69,14 @@ class CDDEngine:
         num_domains: int,
         objective: ObjectiveConfig,
         optim: OptimConfig,
+        excluded_sources: Sequence[int] = (),
     ):
         self.teacher = teacher
         self.global_student = global_student
         self.domain_students = domain_students
         self.num_domains = num_domains
         self.objective = objective
+        self.excluded_sources = tuple(excluded_sources)  # domains whose students give no targets
         self.global_optimizer = make_optimizer(global_student, optim)
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
 
@@ -88,6 +90,7 @@ class CDDEngine:
         optim: OptimConfig,
         owned_domains: Sequence[int] | None = None,
         seed: int = 0,
+        excluded_sources: Sequence[int] = (),
     ) -> CDDEngine:
         """Each student's initial weights depend only on (seed, its domain), not on the process."""
         if num_domains < 1:
@@ -95,7 +98,7 @@ class CDDEngine:
         global_student = seeded_student(spec, seed)
         owned = range(num_domains) if owned_domains is None else owned_domains
         domain_students = {k: seeded_student(spec, seed + 1 + k) for k in owned} if num_domains > 1 else {}
-        return cls(teacher, global_student, domain_students, num_domains, objective, optim)
+        return cls(teacher, global_student, domain_students, num_domains, objective, optim, excluded_sources)
 
     @property
     def uses_domains(self) -> bool:
@@ -124,7 +127,7 @@ class CDDEngine:
         for student in all_domain_students:
             student.eval()
             outputs.append(student(feats))
-        return pseudo_normal_targets(outputs, domain_ids, self.objective.aggregation)
+        return pseudo_normal_targets(outputs, domain_ids, self.objective.aggregation, self.excluded_sources)
 
     def global_step(
         self,
@@ -196,6 +199,10 @@ def fit_in_process(
 
     ``on_step(stage, domain, sample_indices)`` sees every batch, for tests and tracing.
     """
+    if len(images) == 0:
+        raise ValueError("fit_in_process got no training images")
+    if len(domains) != len(images):
+        raise ValueError(f"{len(images)} images but {len(domains)} domain ids")
     generator = torch.Generator().manual_seed(seed)
     cached = engine.teacher_features(images) if teacher_cache else None
 

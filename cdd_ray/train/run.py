@@ -108,7 +108,7 @@ def check_run_dir(run_dir: Path, config: Config) -> None:
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
     if checkpoints:
         try:
-            state = load_global(checkpoints[-1])
+            state = load_global(checkpoints[-1], mmap=True)  # header only
         except CheckpointError as error:
             raise RunDirError(f"cannot resume {run_dir}: {error}") from error
         previous = previous if previous is not None else state.get("config", {})

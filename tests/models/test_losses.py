@@ -66,6 +66,18 @@ def test_pseudo_normal_with_two_domains_is_the_other_student():
     assert target[0].unique().tolist() == [2.0] and target[1].unique().tolist() == [1.0]
 
 
+def test_excluded_sources_never_give_targets():
+    domain_ids = torch.tensor([0, 1, 2, 0])
+    (target,) = pseudo_normal_targets(constant_outputs(3, 4), domain_ids, "mean", excluded_sources=(0,))
+    # domain 0 (excluded) learns from students 1 and 2; domains 1 and 2 only from each other
+    expected = [(2 + 3) / 2, 3.0, 2.0, (2 + 3) / 2]
+    assert [t.unique().tolist() for t in target] == [[e] for e in expected]
+    with pytest.raises(ValueError, match="no other domain's student"):
+        pseudo_normal_targets(constant_outputs(2, 2), torch.tensor([0, 1]), excluded_sources=(0,))
+    with pytest.raises(ValueError, match="must lie in"):
+        pseudo_normal_targets(constant_outputs(3, 2), torch.tensor([0, 1]), excluded_sources=(3,))
+
+
 def test_pseudo_normal_rejects_bad_inputs():
     with pytest.raises(ValueError, match="at least two"):
         pseudo_normal_targets(constant_outputs(1, 2), torch.tensor([0, 0]))

@@ -82,3 +82,11 @@ def test_non_finite_loss_names_the_stage_and_domain():
 def test_batches_never_leave_a_single_sample():
     sizes = [len(b) for b in batches(torch.arange(9), 4, torch.Generator().manual_seed(0))]
     assert sizes == [4, 5] and all(s > 1 for s in sizes)
+
+
+def test_in_process_fit_refuses_an_empty_training_set_and_mismatched_domain_ids():
+    engine = make_engine(2)
+    with pytest.raises(ValueError, match="no training images"):
+        fit_in_process(engine, torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), 1, batch_size=4)
+    with pytest.raises(ValueError, match="4 images but 3 domain ids"):
+        fit_in_process(engine, torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0]), 1, batch_size=4)

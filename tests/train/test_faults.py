@@ -101,6 +101,10 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
     with pytest.raises(RunDirError, match=rf"cannot resume {run_dir}.*checkpoint format {version}"):
         check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
 
+    (old / GLOBAL_FILE).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RunDirError, match=rf"cannot resume {run_dir}.*{GLOBAL_FILE}: damaged"):
+        check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+
     # A run directory from before run.json existed is judged by its last checkpoint's config.
     (run_dir / RUN_FILE).unlink()
     torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, "config": recorded["config"]}, old / GLOBAL_FILE)
