@@ -249,8 +249,31 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} +- {spread:.3f}"
 
 
-def report(path: Path) -> None:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+def paired_differences(rows: list[dict], reference: str = "rd") -> None:
+    """Method minus ``reference`` on the same (noise, category, seed) cell: mean +- std over cells."""
+    by_cell = {(r["noise"], r["category"], r["seed"], r["method"]): r for r in rows}
+    methods = sorted({r["method"] for r in rows} - {reference})
+    print(f"\nPaired differences, method minus {reference} on the same (category, seed), mean +- std\n")
+    print("| noise | method | cells | image AUROC | pixel AUROC | AUPRO |\n|---:|---|---:|---:|---:|---:|")
+    for noise in sorted({r["noise"] for r in rows}):
+        for method in methods:
+            pairs = [
+                (row, by_cell[(noise, c, s, reference)])
+                for (n, c, s, m), row in by_cell.items()
+                if n == noise and m == method and (noise, c, s, reference) in by_cell
+            ]
+            if not pairs:
+                continue
+            cells_ = []
+            for metric in METRICS:
+                diffs = [a[metric] - b[metric] for a, b in pairs]
+                spread = np.std(diffs, ddof=1) if len(diffs) > 1 else 0.0
+                cells_.append(f"{np.mean(diffs):+.3f} +- {spread:.3f}")
+            print(f"| {noise} | {method} | {len(pairs)} | " + " | ".join(cells_) + " |")
+
+
+def report(paths: list[str]) -> None:
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["noise"], row["method"]), []).append(row)
@@ -279,12 +302,13 @@ def report(path: Path) -> None:
                 f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}" if xs else "-"
             )
         print(f"| {noise} | {method} | " + " | ".join(values) + " |")
+    paired_differences(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--study", choices=("main", "followup", "concentrated", "ablation"), default="main")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, nargs="+", help="results file (--report: one or more)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -295,8 +319,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables of --out and exit")
     args = parser.parse_args()
     if args.report:
-        report(Path(args.out))
+        report(args.out)
+    elif len(args.out) != 1:
+        parser.error("--out takes one results file when running a study")
     else:
+        args.out = args.out[0]
         run(args)
 
 
