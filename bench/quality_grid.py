@@ -219,7 +219,11 @@ def run(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
-    todo = [c for c in cells(args.study, args) if c["key"] not in done]
+    todo = [
+        c
+        for c in cells(args.study, args)
+        if c["key"] not in done and (not args.methods or c["method"] in args.methods)
+    ]
     print(
         f"{platform.machine()}, torch threads {torch.get_num_threads()}, {len(done)} done, {len(todo)} to run"
     )
@@ -314,6 +318,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.4, 0.2, 0.1])
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--methods", nargs="+", help="run only these methods (names as in the results)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", help="folder for the prepared stores (kept between runs)")
     parser.add_argument("--report", action="store_true", help="print the tables of --out and exit")
