@@ -154,6 +154,14 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def excluded_target_domains(config: Config) -> tuple[int, ...]:
+    """Domains whose students give no pseudo-normal targets: the outlier partition's suspicious
+    domains (ids 0 .. outlier_domains - 1) when ``objective.outlier_domain_targets`` is false."""
+    if config.objective.outlier_domain_targets or config.data.partition != "outlier":
+        return ()
+    return tuple(range(config.data.outlier_domains))
+
+
 def validate(config: Config) -> Config:
     _check(config.train.num_domains >= 1, "train.num_domains", "must be >= 1")
     _check(config.train.epochs >= 1, "train.epochs", "must be >= 1")
@@ -187,6 +195,18 @@ def validate(config: Config) -> Config:
         "must be > 0 when train.num_domains=1 (plain RD has no cross-domain term)",
     )
     _check(config.objective.gating_temperature > 0, "objective.gating_temperature", "must be positive")
+    if not config.objective.outlier_domain_targets:
+        _check(
+            config.data.partition == "outlier",
+            "objective.outlier_domain_targets",
+            f"false needs data.partition=outlier (got {config.data.partition!r})",
+        )
+        _check(
+            config.train.num_domains >= config.data.outlier_domains + 2,
+            "objective.outlier_domain_targets",
+            f"false needs train.num_domains >= data.outlier_domains + 2 = {config.data.outlier_domains + 2} "
+            "(two clean domains to teach each other)",
+        )
     _check(config.ray.num_workers >= 0, "ray.num_workers", "must be >= 0 (0 runs in the driver)")
     _check(config.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be positive")
     _check(

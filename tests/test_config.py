@@ -55,3 +55,23 @@ def test_every_shipped_yaml_loads():
             assert load_grid(path).methods, path
         else:
             assert load_config(path).train.num_domains >= 1, path
+
+
+def test_outlier_domain_targets_off_needs_the_outlier_partition_and_two_clean_domains():
+    from cdd_ray.config import excluded_target_domains
+
+    with pytest.raises(
+        ConfigError, match="objective.outlier_domain_targets: false needs data.partition=outlier"
+    ):
+        load_config(None, ["objective.outlier_domain_targets=false", "train.num_domains=3"])
+    with pytest.raises(ConfigError, match=r"train.num_domains >= data.outlier_domains \+ 2 = 3"):
+        load_config(None, ["objective.outlier_domain_targets=false", "data.partition=outlier"])
+    off = ["objective.outlier_domain_targets=false", "data.partition=outlier"]
+    assert excluded_target_domains(load_config(None, [*off, "train.num_domains=3"])) == (0,)
+    assert excluded_target_domains(
+        load_config(None, [*off, "train.num_domains=4", "data.outlier_domains=2"])
+    ) == (
+        0,
+        1,
+    )
+    assert excluded_target_domains(load_config(None, ["data.partition=outlier", "train.num_domains=3"])) == ()

@@ -37,6 +37,9 @@ class ObjectiveConfig:
     lambda_teacher: float = 1.0
     gating: bool = False
     gating_temperature: float = 0.1
+    # with data.partition=outlier: false keeps the suspicious domains' students out of every image's
+    # pseudo-normal targets (the clean domains then learn from each other only)
+    outlier_domain_targets: bool = True
 
 
 def _level_loss(

@@ -31,7 +31,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cdd_ray.config import Config, config_from_dict
+from cdd_ray.config import Config, config_from_dict, excluded_target_domains
 from cdd_ray.data.store import write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.models.student import student_spec
@@ -207,7 +207,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     owned = owned_domains(num_domains, rank, world_size)
     record_workers(loop_config.get("run_dir"), rank, owned, device)
     engine = CDDEngine.create(
-        teacher, spec, num_domains, config.objective, config.optim, owned, config.train.seed
+        teacher,
+        spec,
+        num_domains,
+        config.objective,
+        config.optim,
+        owned,
+        config.train.seed,
+        excluded_sources=excluded_target_domains(config),
     )
     engine.global_student.to(device)
     for student in engine.domain_students.values():
