@@ -75,3 +75,20 @@ def test_outlier_domain_targets_off_needs_the_outlier_partition_and_two_clean_do
         1,
     )
     assert excluded_target_domains(load_config(None, ["data.partition=outlier", "train.num_domains=3"])) == ()
+
+
+def test_the_worker_engine_gets_the_excluded_target_domains():
+    import torch
+
+    from cdd_ray.models.student import student_spec
+    from cdd_ray.train.worker import make_engine
+    from tests.models.test_teacher import random_teacher
+
+    teacher = random_teacher()
+    spec = student_spec(teacher.channels, teacher.reductions)
+    off = ["objective.outlier_domain_targets=false", "data.partition=outlier", "train.num_domains=3"]
+    engine = make_engine(load_config(None, off), teacher, spec, [0, 1, 2])
+    assert engine.excluded_sources == (0,)
+    # a global step runs: with K = 3 and domain 0 excluded every image keeps a source
+    assert engine.global_step(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])) > 0
+    assert make_engine(load_config(None, off[1:]), teacher, spec, [0, 1, 2]).excluded_sources == ()

@@ -176,6 +176,20 @@ def record_workers(run_dir: str | None, rank: int, owned: list[int], device: tor
         write_json(Path(run_dir) / WORKERS_FILE, {"workers": everyone})
 
 
+def make_engine(config: Config, teacher, spec, owned: list[int]) -> CDDEngine:
+    """The engine of one rank: its domain students, the global student, the objective's settings."""
+    return CDDEngine.create(
+        teacher,
+        spec,
+        config.train.num_domains,
+        config.objective,
+        config.optim,
+        owned,
+        config.train.seed,
+        excluded_sources=excluded_target_domains(config),
+    )
+
+
 def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float:
     """The label-free proxy over all ranks' held-out shards (see cdd_ray.evaluate.proxy)."""
     losses = []
@@ -206,16 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone)
     owned = owned_domains(num_domains, rank, world_size)
     record_workers(loop_config.get("run_dir"), rank, owned, device)
-    engine = CDDEngine.create(
-        teacher,
-        spec,
-        num_domains,
-        config.objective,
-        config.optim,
-        owned,
-        config.train.seed,
-        excluded_sources=excluded_target_domains(config),
-    )
+    engine = make_engine(config, teacher, spec, owned)
     engine.global_student.to(device)
     for student in engine.domain_students.values():
         student.to(device)
