@@ -99,6 +99,9 @@ class StudentSpec:
     channels: tuple[int, int, int]
     reductions: tuple[int, int, int]
     width_factor: int = 1
+    # the OCBE's own width factor when it differs from the decoder's (None: width_factor). RD4AD
+    # widens both for wide_resnet50_2; anomalib 2.7's OCBE keeps factor 1 (bench/anomalib_compare.py)
+    embedding_width_factor: int | None = None
     embedding_blocks: int = 3
     decoder_blocks: tuple[int, int, int] = (3, 4, 6)
 
@@ -121,7 +124,8 @@ class OCBE(nn.Module):
             [self._downsampler(c1, c3, _ratio(r3, r1)), self._downsampler(c2, c3, _ratio(r3, r2))]
         )
         embedding = 2 * c3
-        width = embedding // EXPANSION * spec.width_factor
+        factor = spec.width_factor if spec.embedding_width_factor is None else spec.embedding_width_factor
+        width = embedding // EXPANSION * factor
         blocks = [Bottleneck(3 * c3, width, embedding, stride=2)]
         blocks += [Bottleneck(embedding, width, embedding) for _ in range(spec.embedding_blocks - 1)]
         self.embed = nn.Sequential(*blocks)

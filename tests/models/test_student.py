@@ -36,6 +36,22 @@ def test_wide_resnet50_student_follows_rd4ad():
     assert [tuple(o.shape[1:]) for o in outputs] == [(256, 16, 16), (512, 8, 8), (1024, 4, 4)]
 
 
+def test_embedding_width_factor_narrows_only_the_ocbe():
+    from dataclasses import replace
+
+    wide = student_spec([256, 512, 1024], [4, 8, 16], "wide_resnet50_2")
+    narrow = Student(replace(wide, embedding_width_factor=1))
+    reference = Student(wide)
+    assert [b.body[1][0].out_channels for b in narrow.bottleneck.embed] == [512] * 3
+    assert [b.body[1][0].out_channels for b in reference.bottleneck.embed] == [1024] * 3
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(narrow.decoder) == count(reference.decoder)
+    assert count(narrow.bottleneck) < count(reference.bottleneck)
+
+
 def test_reductions_must_double():
     with pytest.raises(ValueError, match="powers of two"):
         Student(student_spec([8, 16, 32], [4, 12, 16]))
