@@ -113,6 +113,18 @@ def check_run_dir(run_dir: Path, config: Config) -> None:
             raise RunDirError(f"cannot resume {run_dir}: {error}") from error
         previous = previous if previous is not None else state.get("config", {})
     differences = _differences(previous, wanted) if previous is not None else []
+    before = (previous or {}).get("train", {}).get("epochs")
+    if (
+        checkpoints
+        and wanted["train"]["schedule"] == "sequential"
+        and before not in (None, wanted["train"]["epochs"])
+    ):
+        # the plan puts every DST epoch before the first aggregation epoch: a longer plan would skip
+        # the added DST epochs and repeat aggregation epochs
+        differences.append(
+            f"train.epochs: {before} there, {wanted['train']['epochs']} here (a `sequential` run cannot "
+            "be extended)"
+        )
     if differences:
         raise RunDirError(
             f"{run_dir} holds a run with other settings ({'; '.join(differences)}); the same name "

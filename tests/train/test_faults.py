@@ -101,6 +101,22 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
     with pytest.raises(RunDirError, match=rf"cannot resume {run_dir}.*checkpoint format {version}"):
         check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
 
+    # A sequential run cannot be extended: its plan has every DST epoch before aggregation.
+    sequential = {"train.num_domains": 2, "train.schedule": "sequential"}
+    seq_dir = tmp_path / "seq"
+    seq_dir.mkdir()
+    check_run_dir(seq_dir, run_config(tmp_path, tiny_store, **sequential))
+    (seq_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    torch.save(
+        {"format_version": CHECKPOINT_FORMAT_VERSION},
+        seq_dir / "checkpoint_2026-01-01_00-00-00.000000" / GLOBAL_FILE,
+    )
+    check_run_dir(seq_dir, run_config(tmp_path, tiny_store, **sequential))  # same epochs: resumes
+    with pytest.raises(
+        RunDirError, match=r"train\.epochs: 1 there, 3 here \(a `sequential` run cannot be extended"
+    ):
+        check_run_dir(seq_dir, run_config(tmp_path, tiny_store, **sequential, **{"train.epochs": 3}))
+
     (old / GLOBAL_FILE).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(RunDirError, match=rf"cannot resume {run_dir}.*{GLOBAL_FILE}: damaged"):
         check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
