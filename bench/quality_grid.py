@@ -276,7 +276,7 @@ def paired_differences(rows: list[dict], reference: str = "rd") -> None:
             print(f"| {noise} | {method} | {len(pairs)} | " + " | ".join(cells_) + " |")
 
 
-def report(paths: list[str]) -> None:
+def report(paths: list[str], references: list[str]) -> None:
     rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -306,7 +306,8 @@ def report(paths: list[str]) -> None:
                 f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}" if xs else "-"
             )
         print(f"| {noise} | {method} | " + " | ".join(values) + " |")
-    paired_differences(rows)
+    for reference in references:
+        paired_differences(rows, reference)
 
 
 def main() -> None:
@@ -322,9 +323,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", help="folder for the prepared stores (kept between runs)")
     parser.add_argument("--report", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument("--reference", nargs="+", default=["rd"], help="--report: paired differences against")
     args = parser.parse_args()
     if args.report:
-        report(args.out)
+        report(args.out, args.reference)
     elif len(args.out) != 1:
         parser.error("--out takes one results file when running a study")
     else:
