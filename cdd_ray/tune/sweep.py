@@ -72,13 +72,17 @@ def trial_setup(base: Config, experiment_dir: Path, max_concurrent: int | None) 
 
 
 def _scheduler(spec: SweepSpec, epochs: int):
-    """ASHA needs a per-epoch signal: the proxy when it is the objective (every epoch reports it),
-    else the global student's training loss (test metrics exist only after training)."""
+    """ASHA needs a per-epoch signal: the proxy when it is the objective (every aggregation epoch
+    reports it), else the global student's training loss (test metrics exist only after training).
+
+    A trial reports once per aggregation epoch and once more at the end (evaluation), and ASHA stops
+    a trial that reaches ``max_t``: ``max_t = epochs + 1`` lets a surviving trial finish its final
+    report instead of being stopped at its last epoch."""
     if spec.scheduler != "asha":
         return FIFOScheduler()
     metric, mode = (spec.metric, spec.mode) if spec.metric in LABEL_FREE_METRICS else ("loss_global", "min")
     return ASHAScheduler(
-        time_attr="training_iteration", metric=metric, mode=mode, max_t=epochs, grace_period=1
+        time_attr="training_iteration", metric=metric, mode=mode, max_t=epochs + 1, grace_period=1
     )
 
 

@@ -1,7 +1,7 @@
 """One Tune trial: a full cdd-ray run (TorchTrainer + evaluation) with the trial's overrides.
 
 Train V2 inside Tune: the function trainable builds and fits the TorchTrainer itself, and
-``TuneReportCallback`` forwards each epoch's report (loss_global, ...) to Tune, which ASHA uses.
+``AggregationReports`` forwards each aggregation epoch's report (loss_global, ...) to Tune, which ASHA uses.
 The label-free proxy comes with each epoch's report when the run holds out part of the training set;
 after training the trial scores the test set (labeled metrics, unless ``eval.score_test=false``) and
 one final ``tune.report`` carries everything.
@@ -24,6 +24,18 @@ from cdd_ray.evaluate.report import METRIC_KEYS
 from cdd_ray.train.run import evaluate, train
 
 FAIL_ONCE_ENV = "CDD_RAY_TEST_FAIL_ONCE"
+
+
+class AggregationReports(TuneReportCallback):
+    """Forwards to Tune only the reports of epochs that trained the global student.
+
+    With ``train.schedule=sequential`` the DST epochs come first and carry no global-student metric
+    (``loss_global``, ``proxy_loss``); Tune refuses a result without its scheduler's metric, and ASHA
+    would count those epochs as rungs. With ``alternate`` (and K = 1) every report is forwarded."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "loss_global" in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
 
 
 def trial_overrides(params: dict) -> list[str]:
@@ -54,7 +66,7 @@ def run_trial(params: dict, base: dict, storage_path: str, fail_once: str | None
     name = tune.get_context().get_trial_name()
     run_settings = [f"name={name}", f"ray.storage_path={storage_path}"]
     config = with_overrides(config_from_dict(base), [*trial_overrides(params), *run_settings])
-    run_dir, checkpoint, final = train(config, Console(quiet=True), callbacks=[TuneReportCallback()])
+    run_dir, checkpoint, final = train(config, Console(quiet=True), callbacks=[AggregationReports()])
     if config.eval.score_test:
         metrics = evaluate(config, run_dir, checkpoint)
         final.update({key: metrics[key] for key in METRIC_KEYS if key in metrics})

@@ -132,3 +132,29 @@ def test_markdown_table_puts_the_clean_reference_first():
     rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
     assert rows[0].startswith("| rd (clean reference) | 0 |")
     assert "0.950 ± 0.000" in rows[0]
+
+
+def test_asha_on_a_sequential_run_sees_only_the_aggregation_epochs(ray_session, tiny_store, tmp_path):
+    """With ``sequential`` the DST epochs come first and report no global-student metric; ASHA must
+    not be handed those reports (Tune refuses a result without the scheduler's metric)."""
+    run = {**LABEL_FREE, "train.schedule": "sequential", "train.epochs": 2}
+    spec_path = write_yaml(
+        tmp_path / "sweep.yaml",
+        {
+            "name": "seq-asha",
+            "overrides": tiny_overrides(tiny_store, tmp_path / "unused", **run),
+            "search_space": {"train.num_domains": {"grid": [2]}},
+            "objective": {"metric": "proxy_loss", "mode": "min"},
+            "scheduler": "asha",
+            "storage_path": str(tmp_path / "sweeps"),
+        },
+    )
+    outcome = run_sweep(load_sweep(spec_path))
+    assert outcome["errors"] == 0
+    trial = outcome["trials"].iloc[0]
+    # the final report (after evaluation) arrived: ASHA did not stop the trial at its last epoch
+    assert trial["proxy_loss"] > 0 and pd.notna(trial["trial_finished"])
+    reports = [
+        json.loads(line) for line in (Path(trial["run_dir"]) / "progress.jsonl").read_text().splitlines()
+    ]
+    assert [r["stage"] for r in reports] == ["dst", "dst", "global", "global"]
