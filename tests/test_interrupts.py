@@ -48,7 +48,13 @@ def epochs_reported(run_dir: Path) -> list[int]:
 
 def test_killed_train_driver_then_the_same_command_resumes(ray_session, tiny_store, tmp_path):
     storage = tmp_path / "runs"
-    overrides = {"name": "killed", "train.epochs": 3, "train.num_domains": 2, "eval.score_test": "false"}
+    overrides = {
+        "name": "killed",
+        "train.epochs": 3,
+        "train.num_domains": 2,
+        "train.schedule": "alternate",  # one report per epoch
+        "eval.score_test": "false",
+    }
     command = cli("train", *tiny_overrides(tiny_store, storage, **overrides))
     marker = tmp_path / "stalled"
     # Rank 0 stalls at the start of epoch 2's aggregation, after epoch 1's checkpoint: a driver killed

@@ -98,7 +98,8 @@ def test_training_batches_carry_no_labels(ray_session, tiny_store):
 
 def test_k3_round_robin_then_same_name_resumes_at_the_next_epoch(ray_session, tiny_store, tmp_path):
     storage = tmp_path / "runs"
-    overrides = {"name": "resume", "train.num_domains": 3, "train.epochs": 1}
+    # alternate: a sequential run cannot be extended with more epochs
+    overrides = {"name": "resume", "train.num_domains": 3, "train.epochs": 1, "train.schedule": "alternate"}
     first = load_config(None, tiny_overrides(tiny_store, storage, **overrides))
     run_dir, checkpoint, metrics, events = train_traced(first, tmp_path, "first")
     check_run(first, run_dir, checkpoint, metrics, events)

@@ -12,7 +12,14 @@ from cdd_ray.train.run import PROGRESS_FILE, RUN_FILE, RunDirError, check_run_di
 from tests.conftest import tiny_overrides
 from tests.train.test_distributed import read_trace
 
-FAULT_RUN = {"train.num_domains": 2, "train.epochs": 2, "train.checkpoint_every": 1, "ray.max_failures": 1}
+# alternate: both stages every epoch, so (stage, step) names one epoch and checkpoints count epochs
+FAULT_RUN = {
+    "train.num_domains": 2,
+    "train.schedule": "alternate",
+    "train.epochs": 2,
+    "train.checkpoint_every": 1,
+    "ray.max_failures": 1,
+}
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:
