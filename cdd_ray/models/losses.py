@@ -34,7 +34,8 @@ class ObjectiveConfig:
     loss_form: str = "flat"
     aggregation: str = "mean"
     lambda_cross: float = 1.0
-    lambda_teacher: float = 1.0
+    # 2: chosen from bench/quality_grid.py (ablation, then the 3-seed follow-up grid; BENCHMARKS.md)
+    lambda_teacher: float = 2.0
     gating: bool = False
     gating_temperature: float = 0.1
     # with data.partition=outlier: false keeps the suspicious domains' students out of every image's
@@ -137,16 +138,22 @@ def global_student_loss(
     objective: ObjectiveConfig,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """lambda_cross * L(G, P) + lambda_teacher * L(G, T), teacher term optionally gated.
+    """(lambda_cross * L(G, P) + lambda_teacher * L(G, T)) / (lambda_cross + lambda_teacher), the
+    teacher term optionally gated.
 
-    With ``pseudo_normal=None`` (K = 1) this is exactly the RD loss scaled by lambda_teacher.
+    Dividing by the weights' sum keeps the value on RD's scale whatever the weights, so losses of
+    runs with other weights compare (ASHA ranks trials on them); with Adam it does not change
+    training. With ``pseudo_normal=None`` (K = 1) this is exactly the RD loss; the weights only
+    balance CDD's two terms.
     """
     form = objective.loss_form
+    if pseudo_normal is None:
+        return rd_loss(global_out, teacher, form, None, reduction)
     weights = None
-    if pseudo_normal is not None and objective.gating:
+    if objective.gating:
         weights = agreement_gate(pseudo_normal, teacher, objective.gating_temperature)
     loss = objective.lambda_teacher * rd_loss(global_out, teacher, form, weights, reduction)
-    if pseudo_normal is not None and objective.lambda_cross:
+    if objective.lambda_cross:
         detached = [p.detach() for p in pseudo_normal]
         loss = loss + objective.lambda_cross * rd_loss(global_out, detached, form, None, reduction)
-    return loss
+    return loss / (objective.lambda_cross + objective.lambda_teacher)

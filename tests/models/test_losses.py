@@ -85,12 +85,22 @@ def test_pseudo_normal_rejects_bad_inputs():
         pseudo_normal_targets(constant_outputs(2, 2), torch.tensor([0, 2]))
 
 
-def test_global_loss_without_domains_is_rd():
+def test_global_loss_without_domains_is_rd_whatever_the_weights():
     teacher, student = feats(), feats(seed=3)
-    objective = ObjectiveConfig(lambda_teacher=0.7)
-    assert global_student_loss(student, teacher, None, objective) == pytest.approx(
-        0.7 * float(rd_loss(student, teacher))
-    )
+    for weights in ({"lambda_teacher": 0.7}, {"lambda_teacher": 2.0, "lambda_cross": 0.0}, {}):
+        loss = global_student_loss(student, teacher, None, ObjectiveConfig(**weights))
+        assert float(loss) == float(rd_loss(student, teacher))
+
+
+def test_global_loss_is_the_weighted_mean_of_its_two_terms():
+    teacher, student, pseudo = feats(), feats(seed=3), feats(seed=4)
+    to_teacher, to_pseudo = float(rd_loss(student, teacher)), float(rd_loss(student, pseudo))
+    for cross, teach in ((1.0, 2.0), (0.5, 0.5), (0.0, 1.0), (3.0, 0.0)):
+        objective = ObjectiveConfig(lambda_cross=cross, lambda_teacher=teach)
+        expected = (cross * to_pseudo + teach * to_teacher) / (cross + teach)
+        assert float(global_student_loss(student, teacher, pseudo, objective)) == pytest.approx(
+            expected, rel=1e-6
+        )
 
 
 def test_global_loss_is_zero_when_student_matches_both_targets():
