@@ -100,11 +100,11 @@ def pseudo_normal_targets(
         if any(not 0 <= j < num_domains for j in excluded_sources):
             raise ValueError(f"excluded_sources {excluded_sources} must lie in [0, {num_domains})")
         others[list(excluded_sources)] = False
-        if not bool(others.any(0).all()):
+        orphaned = sorted(set(domain_ids[~others.any(0)].tolist()))
+        if orphaned:
             raise ValueError(
-                f"with sources {sorted(set(range(num_domains)) - set(excluded_sources))} excluded "
-                f"{list(excluded_sources)}, some images of domains {sorted(set(domain_ids.tolist()))} "
-                "have no other domain's student to learn from"
+                f"excluding the students of domains {list(excluded_sources)} leaves the images of "
+                f"domains {orphaned} with no other domain's student to learn from"
             )
     targets = []
     for level in range(len(domain_outputs[0])):
