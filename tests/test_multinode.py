@@ -166,10 +166,13 @@ def test_two_nodes_spread_domain_students_and_run_a_token_authenticated_job(two_
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # The gauges are live while the run trains. With the `sequential` schedule the domain losses are
+    # exported during the DST epochs and the global loss afterwards, so keep every cdd-ray line seen.
     seen_metrics = ""
-    while train.poll() is None:  # the gauges are live while the run trains
-        if "cdd_ray_loss_global" not in seen_metrics:
-            seen_metrics = scrape(two_nodes.metrics_ports)
+    while train.poll() is None:
+        if "cdd_ray_loss_global" not in seen_metrics or "cdd_ray_loss_domain" not in seen_metrics:
+            lines = scrape(two_nodes.metrics_ports).splitlines()
+            seen_metrics += "".join(line + "\n" for line in lines if "cdd_ray_" in line)
         time.sleep(0.5)
     output = train.stdout.read()
     assert train.returncode == 0, output[-4000:] + two_nodes.log_tail()
@@ -182,7 +185,8 @@ def test_two_nodes_spread_domain_students_and_run_a_token_authenticated_job(two_
     checkpoint = latest_checkpoint(run_dir)
     students, _ = load_domains(checkpoint)  # each node wrote its own domain file into the shared run
     assert sorted(students) == [0, 1] and load_global(checkpoint)["epoch"] == 3
-    assert 'run="spread"' in seen_metrics and "cdd_ray_loss_domain" in seen_metrics, seen_metrics[-2000:]
+    for expected in ('run="spread"', "cdd_ray_loss_domain", "cdd_ray_loss_global"):
+        assert expected in seen_metrics, seen_metrics[-2000:]
 
     # Job submission through the dashboard's job API, with the token; and refused without it.
     out = tmp_path / "job-store"
