@@ -101,24 +101,19 @@ def cells(study: str, args) -> list[dict]:
     # spelled out so that the recorded results stay reproducible when the defaults move
     base = ObjectiveConfig(lambda_cross=1.0, lambda_teacher=1.0, gating=False, aggregation="mean")
     out = []
-    if study == "main":
-        methods = {
-            "rd": dict(k=1, epochs=args.epochs),
-            "rd_steps": dict(k=1, epochs=2 * args.epochs),
-            "cdd": dict(k=2, epochs=args.epochs),
-        }
-        for noise in args.noise:
-            for seed in args.seeds:
-                for category in args.categories:
-                    for method, spec in methods.items():
-                        out.append(dict(category=category, noise=noise, seed=seed, method=method, **spec))
-    elif study == "followup":
-        # the ablation's two strongest single changes together, before they become defaults
-        tuned = replace(base, lambda_teacher=2.0)
-        methods = {
-            "cdd_t2_seq": dict(k=2, objective=tuned, schedule="sequential", epochs=args.epochs),
-            "cdd_t2_seq_k3": dict(k=3, objective=tuned, schedule="sequential", epochs=args.epochs),
-        }
+    if study in ("main", "followup"):
+        if study == "main":
+            methods = {
+                "rd": dict(k=1, epochs=args.epochs),
+                "rd_steps": dict(k=1, epochs=2 * args.epochs),
+                "cdd": dict(k=2, epochs=args.epochs),
+            }
+        else:  # the ablation's two strongest single changes together, before they became defaults
+            tuned = replace(base, lambda_teacher=2.0)
+            methods = {
+                "cdd_t2_seq": dict(k=2, objective=tuned, schedule="sequential", epochs=args.epochs),
+                "cdd_t2_seq_k3": dict(k=3, objective=tuned, schedule="sequential", epochs=args.epochs),
+            }
         for noise in args.noise:
             for seed in args.seeds:
                 for category in args.categories:
@@ -251,9 +246,10 @@ def run(args) -> None:
         )
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], signed: bool = False) -> str:
+    """``mean +- sample std`` to 3 decimals (std 0 for one value); ``signed`` shows the mean's sign."""
     spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} +- {spread:.3f}"
+    return f"{np.mean(values):{'+' if signed else ''}.3f} +- {spread:.3f}"
 
 
 def paired_differences(rows: list[dict], reference: str = "rd") -> None:
@@ -271,11 +267,7 @@ def paired_differences(rows: list[dict], reference: str = "rd") -> None:
             ]
             if not pairs:
                 continue
-            cells_ = []
-            for metric in METRICS:
-                diffs = [a[metric] - b[metric] for a, b in pairs]
-                spread = np.std(diffs, ddof=1) if len(diffs) > 1 else 0.0
-                cells_.append(f"{np.mean(diffs):+.3f} +- {spread:.3f}")
+            cells_ = [mean_std([a[m] - b[m] for a, b in pairs], signed=True) for m in METRICS]
             print(f"| {noise} | {method} | {len(pairs)} | " + " | ".join(cells_) + " |")
 
 
@@ -290,12 +282,7 @@ def report(paths: list[str], references: list[str]) -> None:
         by_seed: dict[int, list[dict]] = {}
         for row in group:
             by_seed.setdefault(row["seed"], []).append(row)
-        cells_ = []
-        for metric in METRICS:
-            per_seed = [np.mean([r[metric] for r in rs]) for rs in by_seed.values()]
-            cells_.append(
-                f"{np.mean(per_seed):.3f} +- {np.std(per_seed, ddof=1) if len(per_seed) > 1 else 0:.3f}"
-            )
+        cells_ = [mean_std([np.mean([r[m] for r in rs]) for rs in by_seed.values()]) for m in METRICS]
         cats = len({r["category"] for r in group})
         print(f"| {noise} | {method} | {len(by_seed)} ({cats} cat.) | " + " | ".join(cells_) + " |")
     print("\nPer category, image AUROC mean +- std over seeds\n")
@@ -305,9 +292,7 @@ def report(paths: list[str], references: list[str]) -> None:
         values = []
         for category in categories:
             xs = [r["image_auroc"] for r in group if r["category"] == category]
-            values.append(
-                f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}" if xs else "-"
-            )
+            values.append(mean_std(xs) if xs else "-")
         print(f"| {noise} | {method} | " + " | ".join(values) + " |")
     for reference in references:
         paired_differences(rows, reference)
