@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from aupro_speed import make_case, reference_grid_aupro  # noqa: E402
 
 from cdd_ray.evaluate.metrics import aupro  # noqa: E402
-from cdd_ray.models.losses import ObjectiveConfig  # noqa: E402
-from cdd_ray.models.student import student_spec  # noqa: E402
+from cdd_ray.models.distillation.losses import ObjectiveConfig  # noqa: E402
+from cdd_ray.models.distillation.student import student_spec  # noqa: E402
 from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
 from cdd_ray.train.engine import CDDEngine, OptimConfig  # noqa: E402
 

@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from cdd_ray.evaluate.scoring import score_images
-from cdd_ray.models.losses import ObjectiveConfig
-from cdd_ray.models.student import student_spec
+from cdd_ray.models.detector import DistillationDetector, score_in_batches
+from cdd_ray.models.distillation.losses import ObjectiveConfig
+from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.models.teacher import TeacherConfig, build_teacher
 from cdd_ray.train.engine import CDDEngine, OptimConfig
 
@@ -71,7 +71,7 @@ def cdd_step(engine: CDDEngine, images, domains, device, dtype) -> None:
 
 def score_under(device, dtype, teacher, scorer, test) -> None:
     with autocast(device, dtype):
-        score_images(teacher, scorer, test, batch_size=32)
+        score_in_batches(DistillationDetector(teacher, scorer), test, batch_size=32)
 
 
 def peak_gib(device: torch.device) -> float | None:

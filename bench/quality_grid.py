@@ -41,9 +41,9 @@ from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
 from cdd_ray.data.synthetic import CATEGORIES, DEFECTS
 from cdd_ray.evaluate.metrics import compute_metrics
-from cdd_ray.evaluate.scoring import score_images
-from cdd_ray.models.losses import ObjectiveConfig
-from cdd_ray.models.student import student_spec
+from cdd_ray.models.detector import DistillationDetector, score_in_batches
+from cdd_ray.models.distillation.losses import ObjectiveConfig
+from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.models.teacher import TeacherConfig, build_teacher, pooled_embedding
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 
@@ -85,7 +85,7 @@ def run_cell(teacher, train: dict, test: dict, cell: dict, epochs: int, size: in
         on_step=lambda *_: steps.append(1),
         schedule=cell.get("schedule", "alternate"),
     )
-    maps, scores = score_images(teacher, engine.global_student, test["images"])
+    maps, scores = score_in_batches(DistillationDetector(teacher, engine.global_student), test["images"])
     metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
     return {
         **{m: round(float(metrics[m]), 4) for m in METRICS},

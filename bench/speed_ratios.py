@@ -32,9 +32,9 @@ import torch  # noqa: E402
 
 from cdd_ray.config import load_config  # noqa: E402
 from cdd_ray.data.prepare import prepare  # noqa: E402
-from cdd_ray.evaluate.scoring import score_images  # noqa: E402
-from cdd_ray.models.losses import ObjectiveConfig  # noqa: E402
-from cdd_ray.models.student import student_spec  # noqa: E402
+from cdd_ray.models.detector import DistillationDetector, score_in_batches  # noqa: E402
+from cdd_ray.models.distillation.losses import ObjectiveConfig  # noqa: E402
+from cdd_ray.models.distillation.student import student_spec  # noqa: E402
 from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process  # noqa: E402
 
@@ -108,9 +108,10 @@ def inference_in_process(store: Path) -> None:
     spec = student_spec(teacher.channels, teacher.reductions, "tf_efficientnet_lite0")
     student = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), OptimConfig()).global_student
     test = load(store, "weave", "test", 128)["images"]
-    score_images(teacher, student, test[:16])
+    detector = DistillationDetector(teacher, student)
+    score_in_batches(detector, test[:16])
     started = time.perf_counter()
-    score_images(teacher, student, test)
+    score_in_batches(detector, test)
     rate = len(test) / (time.perf_counter() - started)
     print(
         f"\n3. in-process scoring (teacher + student + anomaly map), {len(test)} images: {rate:.1f} images/s"

@@ -26,9 +26,9 @@ from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
 from cdd_ray.data.synthetic import CATEGORIES
 from cdd_ray.evaluate.metrics import compute_metrics
-from cdd_ray.evaluate.scoring import score_images
-from cdd_ray.models.losses import ObjectiveConfig
-from cdd_ray.models.student import student_spec
+from cdd_ray.models.detector import DistillationDetector, score_in_batches
+from cdd_ray.models.distillation.losses import ObjectiveConfig
+from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.models.teacher import TeacherConfig, build_teacher, pooled_embedding
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 
@@ -53,7 +53,7 @@ def rd_clean(store: Path, category: str, teacher, epochs: int, size: int) -> dic
     engine = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), OptimConfig(), seed=0)
     domains = torch.zeros(len(train["ids"]), dtype=torch.long)
     fit_in_process(engine, train["images"], domains, epochs, batch_size=16, seed=0, teacher_cache=True)
-    maps, scores = score_images(teacher, engine.global_student, test["images"])
+    maps, scores = score_in_batches(DistillationDetector(teacher, engine.global_student), test["images"])
     return compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
 
 

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,12 +19,18 @@ from pathlib import Path
 
 import yaml
 
-from cdd_ray.models.losses import AGGREGATIONS, LOSS_FORMS, ObjectiveConfig
+from cdd_ray.models.distillation.losses import AGGREGATIONS, LOSS_FORMS, ObjectiveConfig
+from cdd_ray.models.patchcore.memory_bank import SEARCH_BACKENDS
+from cdd_ray.models.patchcore.model import MemoryBankConfig
+from cdd_ray.models.patchcore.softpatch import OUTLIER_SCORES
 from cdd_ray.models.teacher import TeacherConfig
-from cdd_ray.train.engine import OptimConfig
+from cdd_ray.train.engine import LR_SCHEDULES, OptimConfig
 
 PARTITIONS = ("random", "cluster", "outlier")
 SCHEDULES = ("alternate", "sequential")
+# distillation: RD (train.num_domains=1) and CDD (K >= 2); patchcore and softpatch: memory banks
+METHODS = ("distillation", "patchcore", "softpatch")
+SELECTIONS = ("last", "proxy")
 
 
 class ConfigError(ValueError):
@@ -72,15 +79,20 @@ class EvalConfig:
     overlays: int = 4
     proxy_trim: float = 0.1
     score_test: bool = True
+    # which weights are scored: the last epoch's, or (label-free) the aggregation epoch with the
+    # lowest held-out proxy loss (needs data.holdout_fraction > 0)
+    select: str = "last"
 
 
 @dataclass
 class Config:
     name: str = ""
+    method: str = "distillation"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -162,7 +174,15 @@ def excluded_target_domains(config: Config) -> tuple[int, ...]:
     return tuple(range(config.data.outlier_domains))
 
 
+def method_label(config: Config) -> str:
+    """rd, cdd, patchcore or softpatch: what a run is called in names and tables."""
+    if config.method != "distillation":
+        return config.method
+    return "rd" if config.train.num_domains == 1 else "cdd"
+
+
 def validate(config: Config) -> Config:
+    _check(config.method in METHODS, "method", f"must be one of {METHODS}, got {config.method!r}")
     _check(config.train.num_domains >= 1, "train.num_domains", "must be >= 1")
     _check(config.train.epochs >= 1, "train.epochs", "must be >= 1")
     _check(config.train.batch_size >= 2, "train.batch_size", "must be >= 2 (BatchNorm)")
@@ -173,6 +193,26 @@ def validate(config: Config) -> Config:
     _check(config.data.outlier_domains >= 1, "data.outlier_domains", "must be >= 1")
     _check(0 <= config.data.holdout_fraction < 0.5, "data.holdout_fraction", "must lie in [0, 0.5)")
     _check(config.optim.lr > 0, "optim.lr", f"must be positive, got {config.optim.lr}")
+    _check(config.optim.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"must be one of {LR_SCHEDULES}")
+    _check(0 <= config.optim.warmup < 1, "optim.warmup", "must lie in [0, 1) (a share of the epochs)")
+    _check(0 <= config.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+    _check(config.optim.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0: no clipping)")
+    _check(0 <= config.optim.ema_decay < 1, "optim.ema_decay", "must lie in [0, 1) (0: no EMA)")
+    bank = config.memory_bank
+    _check(0 < bank.coreset_ratio <= 1, "memory_bank.coreset_ratio", "must lie in (0, 1]")
+    _check(bank.projection_dim >= 0, "memory_bank.projection_dim", "must be >= 0 (0: no projection)")
+    _check(bank.num_neighbors >= 1, "memory_bank.num_neighbors", "must be >= 1")
+    _check(bank.search in SEARCH_BACKENDS, "memory_bank.search", f"must be one of {SEARCH_BACKENDS}")
+    _check(
+        bank.search != "faiss" or importlib.util.find_spec("faiss") is not None,
+        "memory_bank.search",
+        "faiss needs the faiss-cpu package (pip install faiss-cpu), or use memory_bank.search=torch",
+    )
+    _check(0 <= bank.drop_ratio < 1, "memory_bank.drop_ratio", "must lie in [0, 1)")
+    _check(
+        bank.outlier_score in OUTLIER_SCORES, "memory_bank.outlier_score", f"must be one of {OUTLIER_SCORES}"
+    )
+    _check(bank.outlier_neighbors >= 1, "memory_bank.outlier_neighbors", "must be >= 1")
     _check(
         0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)"
     )
@@ -213,6 +253,12 @@ def validate(config: Config) -> Config:
     _check(config.eval.sigma >= 0, "eval.sigma", "must be >= 0")
     _check(0 < config.eval.fpr_limit <= 1, "eval.fpr_limit", "must lie in (0, 1]")
     _check(0 <= config.eval.proxy_trim < 1, "eval.proxy_trim", "must lie in [0, 1)")
+    _check(config.eval.select in SELECTIONS, "eval.select", f"must be one of {SELECTIONS}")
+    _check(
+        config.eval.select != "proxy" or config.data.holdout_fraction > 0,
+        "eval.select",
+        "proxy needs a held-out slice: set data.holdout_fraction > 0 (e.g. 0.1)",
+    )
     return config
 
 

@@ -80,7 +80,7 @@ def test_outlier_domain_targets_off_needs_the_outlier_partition_and_two_clean_do
 def test_the_worker_engine_gets_the_excluded_target_domains():
     import torch
 
-    from cdd_ray.models.student import student_spec
+    from cdd_ray.models.distillation.student import student_spec
     from cdd_ray.train.worker import make_engine
     from tests.models.test_teacher import random_teacher
 

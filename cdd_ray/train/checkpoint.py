@@ -3,8 +3,12 @@
 A checkpoint directory holds:
 
 - ``global.pt`` (written by rank 0): format version, epoch, steps done, config, domain manifest, the global
-  student and its optimizer;
-- ``domains_rank<r>.pt`` (one per rank that owns domain students): their weights and optimizers.
+  student and its optimizer (None for memory-bank methods), its EMA (when ``optim.ema_decay`` > 0),
+  and the evaluation student: the weights that scoring uses (the EMA, or the proxy's choice with
+  ``eval.select=proxy``; None means the global student itself);
+- ``domains_rank<r>.pt`` (one per rank that owns domain students): their weights and optimizers;
+- ``memory_bank.pt`` (PatchCore and SoftPatch, rank 0): the memory bank
+  (``cdd_ray.models.patchcore.memory_bank.MemoryBank``).
 
 Ray Train merges the files that every rank reports into one checkpoint directory; on resume each
 rank reads all ``domains_rank*.pt`` and keeps the students it owns now, so resuming with another
@@ -24,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 GLOBAL_FILE = "global.pt"
+BANK_FILE = "memory_bank.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -61,15 +66,17 @@ def _load(path: Path, mmap: bool = False) -> dict:
 
 def save_global(
     directory: Path,
-    global_student: nn.Module,
+    global_student: nn.Module | None,
     optimizer: torch.optim.Optimizer | None,
     epoch: int,
     steps_done: int,
     config: dict,
     manifest: dict | None = None,
+    extra: dict | None = None,
 ) -> None:
     """``steps_done`` counts reports (one per epoch with ``alternate``; 2 x epochs with
-    ``sequential``); a resumed run starts at that step."""
+    ``sequential``); a resumed run starts at that step. ``extra`` adds entries (EMA state, the
+    evaluation student, the proxy's choice), each a tensor dict or plain values."""
     _save(
         Path(directory) / GLOBAL_FILE,
         {
@@ -78,8 +85,12 @@ def save_global(
             "steps_done": steps_done,
             "config": config,
             "domain_manifest": manifest,
-            "global_student": unwrap(global_student).state_dict(),
+            "global_student": None if global_student is None else unwrap(global_student).state_dict(),
             "global_optimizer": None if optimizer is None else optimizer.state_dict(),
+            "global_ema": None,
+            "evaluation_student": None,
+            "selection": None,
+            **(extra or {}),
         },
     )
 

@@ -18,17 +18,29 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cdd_ray.models.losses import ObjectiveConfig, global_student_loss, pseudo_normal_targets, rd_loss
-from cdd_ray.models.student import Student, StudentSpec
+from cdd_ray.models.distillation.losses import (
+    ObjectiveConfig,
+    global_student_loss,
+    pseudo_normal_targets,
+    rd_loss,
+)
+from cdd_ray.models.distillation.student import Student, StudentSpec
 from cdd_ray.models.teacher import Teacher
+from cdd_ray.train.checkpoint import unwrap
 
 Features = list[torch.Tensor]
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -36,10 +48,37 @@ class OptimConfig:
     lr: float = 0.005
     beta1: float = 0.5
     beta2: float = 0.999
+    lr_schedule: str = "constant"  # or "cosine": decay to lr * min_lr_ratio over a student's epochs
+    warmup: float = 0.0  # share of a student's epochs with a linear warm-up from 0
+    min_lr_ratio: float = 0.01
+    clip_grad_norm: float = 0.0  # max global gradient norm per step; 0: no clipping
+    ema_decay: float = 0.0  # per-step decay of an EMA of the global student, scored instead; 0: off
 
 
 def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(module.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2))
+
+
+def lr_at(optim: OptimConfig, progress: float) -> float:
+    """Learning rate after ``progress`` (0..1) of a student's training: linear warm-up over the first
+    ``warmup`` share, then constant or a half-cosine from ``lr`` to ``lr * min_lr_ratio``
+    (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    if optim.warmup > 0 and progress < optim.warmup:
+        return optim.lr * progress / optim.warmup
+    if optim.lr_schedule == "constant":
+        return optim.lr
+    span = max(1.0 - optim.warmup, 1e-12)
+    done = min(max((progress - optim.warmup) / span, 0.0), 1.0)
+    floor = optim.lr * optim.min_lr_ratio
+    return floor + 0.5 * (optim.lr - floor) * (1.0 + math.cos(math.pi * done))
+
+
+def make_ema(module: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``module``'s parameters and buffers (BatchNorm statistics
+    too), updated after each optimizer step; None when ``decay`` is 0."""
+    if decay <= 0:
+        return None
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def seeded_student(spec: StudentSpec, seed: int) -> Student:
@@ -77,8 +116,10 @@ class CDDEngine:
         self.num_domains = num_domains
         self.objective = objective
         self.excluded_sources = tuple(excluded_sources)  # domains whose students give no targets
+        self.optim = optim
         self.global_optimizer = make_optimizer(global_student, optim)
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
+        self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
 
     @classmethod
     def create(
@@ -107,16 +148,32 @@ class CDDEngine:
     def teacher_features(self, images: torch.Tensor) -> Features:
         return self.teacher(images)
 
-    def domain_step(self, domain: int, images: torch.Tensor, teacher_feats: Features | None = None) -> float:
-        """One DST step: S_domain against the teacher on images of that domain only."""
+    def _update(
+        self, loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer, progress: float
+    ):
+        """Backward, then one optimizer step at the scheduled learning rate, with clipping if set."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(self.optim, progress)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optim.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.optim.clip_grad_norm)
+        optimizer.step()
+
+    def domain_step(
+        self,
+        domain: int,
+        images: torch.Tensor,
+        teacher_feats: Features | None = None,
+        progress: float = 0.0,
+    ) -> float:
+        """One DST step: S_domain against the teacher on images of that domain only. ``progress``
+        (0..1): how far this student's training has come, for the learning-rate schedule."""
         student = self.domain_students[domain]
         student.train()
         feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
         loss = _checked(rd_loss(student(feats), feats, self.objective.loss_form), f"DST of domain {domain}")
-        optimizer = self.domain_optimizers[domain]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        self._update(loss, student, self.domain_optimizers[domain], progress)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -135,8 +192,9 @@ class CDDEngine:
         domain_ids: torch.Tensor,
         all_domain_students: Sequence[nn.Module] | None = None,
         teacher_feats: Features | None = None,
+        progress: float = 0.0,
     ) -> float:
-        """One aggregation step of the global student (plain RD when K = 1)."""
+        """One aggregation step of the global student (plain RD when K = 1), then the EMA update."""
         feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
         targets = None
         if self.uses_domains:
@@ -145,10 +203,14 @@ class CDDEngine:
         self.global_student.train()
         loss = global_student_loss(self.global_student(feats), feats, targets, self.objective)
         _checked(loss, "aggregation (global student)")
-        self.global_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.global_optimizer.step()
+        self._update(loss, self.global_student, self.global_optimizer, progress)
+        if self.global_ema is not None:
+            self.global_ema.update_parameters(unwrap(self.global_student))
         return float(loss.detach())
+
+    def evaluation_student(self) -> nn.Module:
+        """What scoring, prediction and the proxy use: the EMA of the global student when enabled."""
+        return self.global_ema.module if self.global_ema is not None else unwrap(self.global_student)
 
     def all_domain_students(self) -> list[nn.Module]:
         missing = sorted(set(range(self.num_domains)) - set(self.domain_students))
@@ -194,10 +256,14 @@ def fit_in_process(
     teacher_cache: bool = False,
     on_step: StepHook | None = None,
     schedule: str = "alternate",
+    select_on: Callable[[nn.Module], float] | None = None,
 ) -> list[dict[str, float]]:
     """Run the stages of ``stage_plan`` on in-memory images; returns the losses of each planned step.
 
     ``on_step(stage, domain, sample_indices)`` sees every batch, for tests and tracing.
+    ``select_on(student) -> float`` (lower is better, e.g. the held-out proxy) is called with the
+    evaluation student after every aggregation epoch; the best epoch's weights are loaded back into
+    it at the end (label-free checkpoint choice).
     """
     if len(images) == 0:
         raise ValueError("fit_in_process got no training images")
@@ -210,24 +276,41 @@ def fit_in_process(
         return None if cached is None else [f[index] for f in cached]
 
     history = []
+    best: tuple[float, dict] | None = None
     all_indices = torch.arange(len(images))
-    for _, stages in stage_plan(engine.num_domains, epochs, schedule):
+    for epoch, stages in stage_plan(engine.num_domains, epochs, schedule):
         record: dict[str, float] = {}
         if "dst" in stages:
             for k in sorted(engine.domain_students):
                 losses = []
-                for index in batches(all_indices[domains == k], batch_size, generator):
+                plan = batches(all_indices[domains == k], batch_size, generator)
+                for batch, index in enumerate(plan):
                     if on_step:
                         on_step("dst", k, index)
-                    losses.append(engine.domain_step(k, images[index], feats_of(index)))
+                    progress = (epoch + batch / len(plan)) / epochs
+                    losses.append(engine.domain_step(k, images[index], feats_of(index), progress))
                 record[f"loss_domain_{k}"] = sum(losses) / max(1, len(losses))
         if "global" in stages:
             losses = []
-            for index in batches(all_indices, batch_size, generator):
+            plan = batches(all_indices, batch_size, generator)
+            for batch, index in enumerate(plan):
                 if on_step:
                     on_step("global", -1, index)
-                step = engine.global_step(images[index], domains[index], teacher_feats=feats_of(index))
-                losses.append(step)
+                progress = (epoch + batch / len(plan)) / epochs
+                losses.append(
+                    engine.global_step(
+                        images[index], domains[index], teacher_feats=feats_of(index), progress=progress
+                    )
+                )
             record["loss_global"] = sum(losses) / len(losses)
+            if select_on is not None:
+                record["selection_score"] = select_on(engine.evaluation_student())
+                if best is None or record["selection_score"] < best[0]:
+                    best = (
+                        record["selection_score"],
+                        copy.deepcopy(engine.evaluation_student().state_dict()),
+                    )
         history.append(record)
+    if best is not None:
+        engine.evaluation_student().load_state_dict(best[1])
     return history

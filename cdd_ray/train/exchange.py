@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cdd_ray.models.student import Student, StudentSpec
+from cdd_ray.models.distillation.student import Student, StudentSpec
 
 
 def owner_of(domain: int, world_size: int) -> int:

@@ -1,4 +1,4 @@
-"""Driver of one CDD run on Ray: data, domain partition, TorchTrainer, evaluation, report.
+"""Driver of one run on Ray: data, domain partition, TorchTrainer (training and test scoring), report.
 
 Example::
 
@@ -23,12 +23,17 @@ from ray.train.torch import TorchTrainer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cdd_ray.config import Config, config_to_dict
+from cdd_ray.config import Config, config_to_dict, method_label
 from cdd_ray.data.domains import HOLDOUT, assign_domains, domain_report, holdout_mask
-from cdd_ray.data.ray_data import domain_dataset, embeddings, holdout_dataset, read_split, with_domains
+from cdd_ray.data.ray_data import embeddings, holdout_dataset, read_split, with_domains
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
-from cdd_ray.evaluate.ray_eval import score_test_set
-from cdd_ray.evaluate.report import summarize, write_overlays
+from cdd_ray.evaluate.scoring import (
+    METRICS_FILE,
+    load_detector,
+    read_split_arrays,
+    score_arrays,
+    write_evaluation,
+)
 from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
 from cdd_ray.train.checkpoint import CheckpointError, load_global
 from cdd_ray.train.errors import RunDirError, TrainingError
@@ -36,12 +41,12 @@ from cdd_ray.train.worker import plan_stages, train_loop_per_worker
 
 PROGRESS_FILE = "progress.jsonl"
 DOMAINS_FILE = "domains.json"
-METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2
 FAULT_ENV = "CDD_RAY_TEST_FAULT"
 # Settings a resumed run must share with the run it continues (the rest, e.g. epochs, may change).
 RESUME_KEYS = (
+    ("method",),
     ("data", "category"),
     ("data", "image_size"),
     ("data", "partition"),
@@ -74,11 +79,17 @@ class RunOutcome:
     train_metrics: dict
 
 
+def _lookup(values: dict, path: tuple[str, ...]) -> object:
+    for key in path:
+        values = values.get(key, {}) if isinstance(values, dict) else {}
+    return values if values != {} else None
+
+
 def _differences(previous: dict, wanted: dict) -> list[str]:
     return [
-        f"{section}.{key}: {previous.get(section, {}).get(key)!r} there, {wanted[section][key]!r} here"
-        for section, key in RESUME_KEYS
-        if previous.get(section, {}).get(key) != wanted[section][key]
+        f"{'.'.join(path)}: {_lookup(previous, path)!r} there, {_lookup(wanted, path)!r} here"
+        for path in RESUME_KEYS
+        if _lookup(previous, path) != _lookup(wanted, path)
     ]
 
 
@@ -138,7 +149,8 @@ def run_name(config: Config, store_info: dict) -> str:
     if config.name:
         return config.name
     noise = (store_info.get("contamination") or {}).get("ratio", 0.0)
-    method = "rd" if config.train.num_domains == 1 else f"cdd-k{config.train.num_domains}"
+    method = method_label(config)
+    method = f"cdd-k{config.train.num_domains}" if method == "cdd" else method
     return f"{config.data.category or 'all'}-{method}-noise{noise:g}-seed{config.train.seed}"
 
 
@@ -165,8 +177,10 @@ def _injected_flags(store: Path, sample_ids: list[str]) -> np.ndarray:
 
 
 def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Path) -> dict:
-    """Assign every training sample a domain; returns the manifest written to domains.json."""
-    if config.data.partition == "random" or config.train.num_domains == 1:
+    """Assign every training sample a domain; returns the manifest written to domains.json.
+    Memory-bank methods have one domain (0)."""
+    num_domains = config.train.num_domains if config.method == "distillation" else 1
+    if config.data.partition == "random" or num_domains == 1:
         ids = [row["sample_id"] for row in dataset.select_columns(["sample_id"]).take_all()]
         vectors = None
     else:
@@ -178,7 +192,7 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
     domains[kept] = assign_domains(
         kept_ids,
         config.data.partition,
-        config.train.num_domains,
+        num_domains,
         config.train.seed,
         None if vectors is None else vectors[kept],
         config.data.outlier_domains,
@@ -186,11 +200,11 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
     order = np.argsort(np.asarray(ids, dtype=object).astype(str), kind="stable")
     return {
         "strategy": config.data.partition,
-        "num_domains": config.train.num_domains,
+        "num_domains": num_domains,
         "seed": config.train.seed,
         "assignment": {ids[i]: int(domains[i]) for i in order},
         "holdout": sorted(ids[i] for i in np.flatnonzero(held_out)),
-        "report": domain_report(domains[kept], _injected_flags(store, kept_ids), config.train.num_domains),
+        "report": domain_report(domains[kept], _injected_flags(store, kept_ids), num_domains),
     }
 
 
@@ -238,6 +252,7 @@ def train(
     ``fault`` (tests only; also read as JSON from the environment variable ``CDD_RAY_TEST_FAULT``)
     injects a worker fault, see ``cdd_ray.train.worker.Fault``."""
     console = console or Console()
+    mark = DriverTrace(trace_dir)
     store = Path(config.data.path).resolve()
     store_info = check_store(store)
     name = run_name(config, store_info)
@@ -245,6 +260,7 @@ def train(
     run_dir = storage / name
     console.print(f"run directory: {run_dir}")
     dashboard = ensure_ray()
+    mark("ray_ready")
     if dashboard:
         console.print(f"Ray dashboard: {dashboard}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -256,11 +272,7 @@ def train(
     datasets = {"train": with_domains(train_set, manifest["assignment"]).materialize()}
     if manifest["holdout"]:
         datasets["holdout"] = holdout_dataset(train_set, manifest["assignment"]).materialize()
-    train_set = datasets["train"]
-    if config.train.num_domains > 1:
-        datasets |= {
-            f"domain_{k}": domain_dataset(train_set, k).materialize() for k in range(config.train.num_domains)
-        }
+    mark("data_ready")
 
     use_gpu = cluster_has_gpus(config.ray.use_gpu)
     if fault is None and os.environ.get(FAULT_ENV):
@@ -295,13 +307,16 @@ def train(
         # id (RankData): Ray's streaming split hands blocks to whichever worker asks first.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+    started = time.time()
     done = threading.Event()
     follower = threading.Thread(
         target=_follow, args=(progress_path, len(plan_stages(config)), done, console), daemon=True
     )
     follower.start()
     try:
+        mark("fit_start")
         result = trainer.fit()
+        mark("fit_end")
     except ray.train.TrainingFailedError as error:
         kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
         raise TrainingError(
@@ -314,19 +329,52 @@ def train(
         follower.join()
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} produced no checkpoint (see {run_dir})")
-    return run_dir, Path(result.checkpoint.path), dict(result.metrics or {})
+    checkpoint_dir = Path(result.checkpoint.path)
+    if config.eval.score_test:
+        _record_checkpoint(config, run_dir, checkpoint_dir, started)
+    mark("end")
+    return run_dir, checkpoint_dir, dict(result.metrics or {})
+
+
+class DriverTrace:
+    """Timed driver events (wall clock) in ``trace_dir/driver.jsonl``, for the fixed-cost benchmark."""
+
+    def __init__(self, trace_dir: str | None):
+        self.path = Path(trace_dir) / "driver.jsonl" if trace_dir else None
+        self("start")
+
+    def __call__(self, event: str) -> None:
+        if self.path is not None:
+            with self.path.open("a") as out:
+                out.write(json.dumps({"event": event, "t": time.time()}) + "\n")
+
+
+def _record_checkpoint(config: Config, run_dir: Path, checkpoint_dir: Path, started: float) -> None:
+    """The workers score before Ray names the final checkpoint; metrics.json gets its path here.
+    A run that had nothing left to train (it had finished before) is scored here instead."""
+    metrics_file = run_dir / METRICS_FILE
+    if not metrics_file.is_file() or metrics_file.stat().st_mtime < started:
+        evaluate(config, run_dir, checkpoint_dir)
+        return
+    metrics = json.loads(metrics_file.read_text())
+    metrics["checkpoint"] = str(checkpoint_dir)
+    write_json(metrics_file, metrics)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
 
 
 def evaluate(config: Config, run_dir: Path, checkpoint_dir: Path) -> dict:
-    """Score the test set, write metrics.json and overlays; returns the metrics."""
-    ensure_ray()
-    results = score_test_set(config, checkpoint_dir, cluster_has_gpus(config.ray.use_gpu))
-    metrics = summarize(results, config.eval.fpr_limit)
-    metrics["checkpoint"] = str(checkpoint_dir)
+    """Score the test set in this process with a checkpoint's detector; writes metrics.json and
+    overlays and returns the metrics (``cdd-ray evaluate``; training runs score in their workers)."""
+    import torch
 
-    write_json(run_dir / METRICS_FILE, metrics)
-    write_overlays(run_dir / "overlays", results, config.eval.overlays)
-    return metrics
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    detector, _ = load_detector(checkpoint_dir, device)
+    test = read_split_arrays(Path(config.data.path), "test", config.data.category, config.data.image_size)
+    results = score_arrays(detector, test, config.ray.eval_batch_size)
+    return write_evaluation(run_dir, config, results, str(checkpoint_dir))
 
 
 def run_experiment(
@@ -334,7 +382,7 @@ def run_experiment(
 ) -> RunOutcome:
     run_dir, checkpoint_dir, train_metrics = train(config, console, trace_dir)
     # eval.score_test=false: no labeled test set (or no wish to score it now); `cdd-ray evaluate` later.
-    metrics = evaluate(config, run_dir, checkpoint_dir) if config.eval.score_test else {}
+    metrics = read_metrics(run_dir) if config.eval.score_test else {}
     return RunOutcome(run_dir, checkpoint_dir, metrics, train_metrics)
 
 

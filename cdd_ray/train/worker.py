@@ -1,15 +1,22 @@
-"""The Ray Train per-worker loop of one CDD run (schedule ``alternate`` or ``sequential``).
+"""The Ray Train per-worker loops: distillation (RD, CDD) and memory banks (PatchCore, SoftPatch).
 
-Steps on every worker, each epoch:
+Distillation, on every worker, each step of the plan (schedule ``alternate`` or ``sequential``):
 1. DST: train the domain students this rank owns (domain k on rank k % W) on their domains' data.
 2. Exchange: every owner broadcasts its students, so each rank holds all K of them.
 3. CDKA: the global student (DDP across ranks) trains on this rank's shard of the whole noisy set.
-4. Report losses, images/s and epoch time; every ``checkpoint_every`` epochs and at the end, each
+4. Report losses, images/s and epoch time; every ``checkpoint_every`` steps and at the end, each
    rank adds its files to the checkpoint (rank 0: global student; every rank: its domain students).
 
-Schedule ``sequential`` runs every DST epoch first, then every aggregation epoch. The rank's data
-stays in memory (per-category datasets are small), which also lets the frozen teacher's features be
-cached (``train.teacher_cache``).
+Memory banks (``memory_bank_loop``): every rank extracts the patch features of its shard, rank 0
+gathers them, builds the bank (SoftPatch: denoised first) and broadcasts it.
+
+Both end the same way when ``eval.score_test`` is on: each rank scores its shard of the test set
+with the run's detector, rank 0 gathers the results and writes metrics.json and the overlays, and
+the last report carries the metrics with the final checkpoint. The workers already hold the
+teacher and the trained model, so no evaluation actor starts.
+
+A rank's data stays in memory (per-category datasets are small), which also lets the frozen
+teacher's features be cached (``train.teacher_cache``).
 
 ``loop_config["trace_dir"]`` (tests only) makes each rank log the sample ids of every batch and a
 digest of the global student's weights after each epoch. ``loop_config["fault"]`` (tests only, see
@@ -18,11 +25,13 @@ digest of the global student's weights after each epoch. ``loop_config["fault"]`
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,42 +43,63 @@ import torch.distributed as dist
 from cdd_ray.config import Config, config_from_dict, excluded_target_domains
 from cdd_ray.data.store import write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
-from cdd_ray.models.student import student_spec
+from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, split_ids, write_evaluation
+from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector
+from cdd_ray.models.distillation.student import Student, student_spec
+from cdd_ray.models.patchcore.memory_bank import MemoryBank
+from cdd_ray.models.patchcore.model import build_memory_bank
 from cdd_ray.models.teacher import build_teacher
-from cdd_ray.train.checkpoint import load_domains, load_global, save_domains, save_global, unwrap
+from cdd_ray.train.checkpoint import (
+    BANK_FILE,
+    load_domains,
+    load_global,
+    save_domains,
+    save_global,
+    unwrap,
+)
 from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches, stage_plan
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
+from cdd_ray.train.fit import training_patch_features
 from cdd_ray.train.monitoring import RunGauges
+
+TEST_COLUMNS = ("sample_id", "category", "label", "defect_type", "image", "mask")
 
 
 class RankData:
-    """Images in memory, sorted by sample id, with their ids, domains and cached teacher features.
+    """Rows of a dataset in memory, sorted by sample id: images, domains and any other columns.
 
-    With ``shard=(rank, world_size)`` the rank keeps every world_size-th image of the sorted set: the
-    shard depends only on the data, never on which Ray Data block reached which worker first, so a
+    ``select(shard=(rank, world_size))`` keeps every world_size-th row of the sorted set: the shard
+    depends only on the data, never on which Ray Data block reached which worker first, so a
     restarted or repeated run trains on exactly the same batches."""
 
-    def __init__(
-        self,
-        iterator: ray.data.DataIterator | None,
-        device: torch.device,
-        shard: tuple[int, int] | None = None,
-    ):
-        rows = list(iterator.iter_batches(batch_size=256, batch_format="numpy")) if iterator else []
-        rows = [r for r in rows if len(r["sample_id"])]
-        ids = [str(sid) for r in rows for sid in r["sample_id"]]
+    def __init__(self, columns: dict[str, np.ndarray], device: torch.device):
+        ids = [str(sid) for sid in columns.get("sample_id", [])]
         order = sorted(range(len(ids)), key=ids.__getitem__)
-        if shard is not None:
-            order = order[shard[0] :: shard[1]]
         self.sample_ids = [ids[i] for i in order]
+        self.columns = {key: value[order] for key, value in columns.items()}
         if order:
-            keep = torch.as_tensor(order)
-            self.images = torch.from_numpy(np.concatenate([r["image"] for r in rows]))[keep]
-            self.domains = torch.from_numpy(np.concatenate([r["domain"] for r in rows]))[keep]
+            self.images = torch.from_numpy(self.columns["image"])
+            domains = self.columns.get("domain", np.zeros(len(order), dtype=np.int64))
+            self.domains = torch.from_numpy(np.asarray(domains, dtype=np.int64))
         else:
             self.images, self.domains = torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.int64)
         self.device = device
         self.cache: list[torch.Tensor] | None = None
+
+    @classmethod
+    def read(cls, iterator: ray.data.DataIterator | None, device: torch.device) -> RankData:
+        rows = list(iterator.iter_batches(batch_size=256, batch_format="numpy")) if iterator else []
+        rows = [r for r in rows if len(r["sample_id"])]
+        return cls({key: np.concatenate([r[key] for r in rows]) for key in rows[0]} if rows else {}, device)
+
+    def select(self, shard: tuple[int, int] | None = None, domain: int | None = None) -> RankData:
+        """The rows of one domain and/or every world_size-th row (``shard=(rank, world_size)``)."""
+        keep = np.arange(len(self))
+        if domain is not None:
+            keep = keep[self.domains.numpy() == domain]
+        if shard is not None:
+            keep = keep[shard[0] :: shard[1]]
+        return RankData({key: value[keep] for key, value in self.columns.items()}, self.device)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -88,7 +118,13 @@ class RankData:
 
 def plan_stages(config: Config) -> list[tuple[int, tuple[str, ...]]]:
     """(epoch, stages) per report, from the run's configuration."""
+    if config.method != "distillation":
+        return [(0, ("memory_bank",))]
     return stage_plan(config.train.num_domains, config.train.epochs, config.train.schedule)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _digest(module: torch.nn.Module) -> str:
@@ -99,7 +135,7 @@ def _digest(module: torch.nn.Module) -> str:
 
 
 def _all_reduce(value: float, op: dist.ReduceOp = dist.ReduceOp.SUM) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, op=op)
@@ -107,14 +143,34 @@ def _all_reduce(value: float, op: dist.ReduceOp = dist.ReduceOp.SUM) -> float:
 
 
 def _gather(values: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return values
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, values)
     return {key: value for part in gathered for key, value in part.items()}
 
 
+def _gather_to_rank0(value: object) -> list[object] | None:
+    """Every rank's ``value`` on rank 0 (in rank order); None on the other ranks."""
+    if not _distributed():
+        return [value]
+    rank = dist.get_rank()
+    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def _broadcast_from_rank0(value: object) -> object:
+    if not _distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 class Tracer:
+    """Test and benchmark trace of one rank: batches, weight digests and timed events (JSON lines)."""
+
     def __init__(self, trace_dir: str | None, rank: int):
         self.path = Path(trace_dir) / f"rank{rank}.jsonl" if trace_dir else None
         self.rank = rank
@@ -123,6 +179,10 @@ class Tracer:
         if self.path is not None:
             with self.path.open("a") as out:
                 out.write(json.dumps({"rank": self.rank, **event}) + "\n")
+
+    def mark(self, event: str, step: int = -1) -> None:
+        """A timed event (wall clock, seconds) for the fixed-cost benchmark."""
+        self(stage="timing", event=event, step=step, t=time.time())
 
 
 class Fault:
@@ -169,7 +229,7 @@ def record_workers(run_dir: str | None, rank: int, owned: list[int], device: tor
         "domains": list(owned),
     }
     everyone = [me]
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, me)
     if rank == 0 and run_dir:
@@ -191,26 +251,126 @@ def make_engine(config: Config, teacher, spec, owned: list[int]) -> CDDEngine:
 
 
 def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float:
-    """The label-free proxy over all ranks' held-out shards (see cdd_ray.evaluate.proxy)."""
+    """The label-free proxy of the evaluation student over all ranks' held-out shards."""
     losses = []
     for start in range(0, len(holdout), 64):
         images = holdout.images[start : start + 64].to(holdout.device)
         losses += per_image_loss(
-            engine.teacher, unwrap(engine.global_student), images, config.objective.loss_form
+            engine.teacher, engine.evaluation_student(), images, config.objective.loss_form
         ).tolist()
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, losses)
         losses = [value for part in gathered for value in part]
     return trimmed_mean(np.asarray(losses), config.eval.proxy_trim)
 
 
+def score_test_shard(
+    detector: torch.nn.Module, config: Config, loop_config: dict, rank: int, trace: Tracer
+) -> dict:
+    """Each rank scores its shard of the test set; rank 0 writes metrics.json and overlays and
+    returns the scalar metrics (the other ranks return {})."""
+    trace.mark("scoring")
+    world_size = ray.train.get_context().get_world_size()
+    store = Path(config.data.path)
+    mine = split_ids(store, "test", config.data.category)[rank::world_size]
+    results = {}
+    if mine:
+        test = read_split_arrays(store, "test", config.data.category, config.data.image_size, mine)
+        results = score_arrays(detector, test, config.ray.eval_batch_size)
+    gathered = _gather_to_rank0(results)
+    if rank != 0:
+        return {}
+    parts = [part for part in gathered if part]
+    merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
+    metrics = write_evaluation(Path(loop_config["run_dir"]), config, merged, "final")
+    trace.mark("scored")
+    return {key: value for key, value in metrics.items() if isinstance(value, float | int)}
+
+
+def _report(metrics: dict, save: Callable[[str], None] | None, trace: Tracer) -> None:
+    """Report ``metrics``; with ``save(directory)`` also a checkpoint that every rank adds to."""
+    trace.mark("report", int(metrics["step"]) - 1)
+    if save is None:
+        ray.train.report(metrics)
+    else:
+        with tempfile.TemporaryDirectory() as directory:
+            save(directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    trace.mark("reported", int(metrics["step"]) - 1)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     config = config_from_dict(loop_config["config"])
+    trace = Tracer(loop_config.get("trace_dir"), ray.train.get_context().get_world_rank())
+    trace.mark("loop_start")
+    if config.method == "distillation":
+        distillation_loop(config, loop_config, trace)
+    else:
+        memory_bank_loop(config, loop_config, trace)
+
+
+def memory_bank_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
+    """PatchCore / SoftPatch: features extracted data-parallel, the bank built on rank 0."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    trace = Tracer(loop_config.get("trace_dir"), rank)
+    record_workers(loop_config.get("run_dir"), rank, [], device)
+    teacher = build_teacher(config.teacher).to(device)
+    started = time.perf_counter()
+    shard = RankData.read(ray.train.get_dataset_shard("train"), device).select((rank, world_size))
+    trace.mark("data_ready")
+    trace.mark("step_start", 0)
+    features = training_patch_features(teacher, shard.images.to(device)).cpu() if len(shard) else None
+    gathered = _gather_to_rank0((shard.sample_ids, features))
+    payload = None
+    summary: dict = {}
+    if rank == 0:
+        parts = [(ids, feats) for ids, feats in gathered if ids]
+        ids = [sid for part_ids, _ in parts for sid in part_ids]
+        order = torch.as_tensor(sorted(range(len(ids)), key=ids.__getitem__))
+        everything = torch.cat([feats for _, feats in parts])[order].to(device)
+        bank, summary = build_memory_bank(
+            everything, config.memory_bank, denoise=config.method == "softpatch", seed=config.train.seed
+        )
+        payload = (
+            bank.features.cpu(),
+            None if bank.weights is None else bank.weights.cpu(),
+            bank.patch_shape,
+        )
+    features_, weights, patch_shape = _broadcast_from_rank0(payload)
+    bank = MemoryBank(features_, weights, tuple(patch_shape))
+    elapsed = time.perf_counter() - started
+    images = _all_reduce(len(shard))
+    metrics = {
+        "epoch": 1,
+        "step": 1,
+        "stage": "memory_bank",
+        "epoch_time_s": elapsed,
+        "images_per_second": images / max(elapsed, 1e-9),
+        "images_per_second_per_worker": len(shard) / max(elapsed, 1e-9),
+        **{f"bank_{key}": value for key, value in summary.items()},
+    }
+    RunGauges(loop_config.get("run_name", "cdd-ray"), rank).update(metrics)
+    trace.mark("step_trained", 0)
+    if config.eval.score_test:
+        detector = PatchCoreDetector(teacher, bank, config.memory_bank, config.eval.sigma).to(device).eval()
+        metrics.update(score_test_shard(detector, config, loop_config, rank, trace))
+
+    def save(directory: str) -> None:
+        if rank == 0:
+            save_global(
+                directory, None, None, 1, 1, loop_config["config"], loop_config.get("domain_manifest")
+            )
+            bank.save(Path(directory) / BANK_FILE)
+
+    _report(metrics, save, trace)
+
+
+def distillation_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
     fault = Fault(loop_config.get("fault"), rank)
     gauges = RunGauges(loop_config.get("run_name", "cdd-ray"), rank)
     num_domains = config.train.num_domains
@@ -222,17 +382,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     record_workers(loop_config.get("run_dir"), rank, owned, device)
     engine = make_engine(config, teacher, spec, owned)
     engine.global_student.to(device)
+    if engine.global_ema is not None:
+        engine.global_ema.to(device)
     for student in engine.domain_students.values():
         student.to(device)
 
     # 2. Resume from the last checkpoint of a run with the same name.
     done = 0
+    selection: dict | None = None  # eval.select=proxy: the best aggregation epoch so far
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_global(Path(directory))
             engine.global_student.load_state_dict(state["global_student"])
             engine.global_optimizer.load_state_dict(state["global_optimizer"])
+            if engine.global_ema is not None and state.get("global_ema"):
+                engine.global_ema.load_state_dict(state["global_ema"])
+            if state.get("selection"):
+                selection = {**state["selection"], "state": state["evaluation_student"]}
             students, optimizers = load_domains(Path(directory))
             for k in owned:
                 engine.domain_students[k].load_state_dict(students[k])
@@ -241,19 +408,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine.global_student = ray.train.torch.prepare_model(engine.global_student)
 
     # 3. Data: this rank's shard of the whole set, and the full data of each domain it owns.
-    shard = RankData(ray.train.get_dataset_shard("train"), device, (rank, world_size))
-    domain_data = {k: RankData(ray.train.get_dataset_shard(f"domain_{k}"), device) for k in owned}
+    everything = RankData.read(ray.train.get_dataset_shard("train"), device)
+    shard = everything.select(shard=(rank, world_size))
+    domain_data = {k: everything.select(domain=k) for k in owned}
+    del everything
     holdout = (
-        RankData(ray.train.get_dataset_shard("holdout"), device, (rank, world_size))
+        RankData.read(ray.train.get_dataset_shard("holdout"), device).select((rank, world_size))
         if config.data.holdout_fraction
         else None
     )
+    trace.mark("data_ready")
     use_cache = config.train.teacher_cache
     replicas: dict = {}
     stages = plan_stages(config)
+    epochs = config.train.epochs
     for step, (epoch, stage_names) in enumerate(stages[done:], start=done):
         # Shuffling seeded per (seed, rank, step): a resumed run draws what an uninterrupted one would.
         generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + rank * 10_007 + step)
+        trace.mark("step_start", step)
         started = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch + 1, "step": step + 1}
         images_seen = 0
@@ -268,7 +440,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             step=step, stage="dst", domain=k, sample_ids=[data.sample_ids[i] for i in index]
                         )
                         images = fault("dst", step, batch, data.images[index].to(device))
-                        values.append(engine.domain_step(k, images, data.features(engine, index, use_cache)))
+                        progress = (epoch + batch / len(plan)) / epochs
+                        feats = data.features(engine, index, use_cache)
+                        values.append(engine.domain_step(k, images, feats, progress))
                         images_seen += len(index)
                     losses[f"loss_domain_{k}"] = float(np.mean(values)) if values else float("nan")
                 metrics.update(_gather(losses))
@@ -291,14 +465,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             shard.domains[index].to(device),
                             students,
                             shard.features(engine, index, use_cache),
+                            progress=(epoch + batch / max(steps, 1)) / epochs,
                         )
                     )
                     images_seen += len(index)
                 average_buffers(unwrap(engine.global_student))
+                if engine.global_ema is not None:
+                    average_buffers(engine.global_ema)
                 metrics["loss_global"] = _all_reduce(float(np.mean(values)) if values else 0.0) / world_size
                 trace(step=step, stage="digest", global_digest=_digest(engine.global_student))
                 if holdout is not None:
                     metrics["proxy_loss"] = holdout_proxy(engine, holdout, config)
+                    better = selection is None or metrics["proxy_loss"] < selection["proxy_loss"]
+                    if config.eval.select == "proxy" and better:
+                        state_dict = copy.deepcopy(engine.evaluation_student().state_dict())
+                        selection = {
+                            "epoch": epoch + 1,
+                            "proxy_loss": metrics["proxy_loss"],
+                            "state": state_dict,
+                        }
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"epoch {epoch + 1}: {error}") from error
         elapsed = time.perf_counter() - started
@@ -307,20 +492,63 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["images_per_second"] = _all_reduce(images_seen) / elapsed
         metrics["stage"] = "+".join(stage_names)
         gauges.update(metrics)
+        trace.mark("step_trained", step)
         last = step + 1 == len(stages)
-        if (step + 1) % config.train.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as directory:
-                if rank == 0:
-                    save_global(
-                        directory,
-                        engine.global_student,
-                        engine.global_optimizer,
-                        epoch + 1,
-                        step + 1,
-                        loop_config["config"],
-                        loop_config.get("domain_manifest"),
-                    )
-                save_domains(directory, rank, engine.domain_students, engine.domain_optimizers)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+        if last and config.eval.score_test:
+            if selection is not None:
+                metrics["selected_epoch"] = selection["epoch"]
+            student = _evaluation_student(engine, spec, selection, device)
+            detector = DistillationDetector(teacher, student, config.eval.sigma).eval()
+            metrics.update(score_test_shard(detector, config, loop_config, rank, trace))
+        checkpoint_now = (step + 1) % config.train.checkpoint_every == 0 or last
+        save = None
+        if checkpoint_now:
+            save = _distillation_saver(engine, selection, rank, epoch + 1, step + 1, loop_config)
+        _report(metrics, save, trace)
+
+
+def _evaluation_student(
+    engine: CDDEngine, spec, selection: dict | None, device: torch.device
+) -> torch.nn.Module:
+    """The weights that scoring uses: the proxy's choice, else the EMA, else the global student."""
+    if selection is None:
+        return engine.evaluation_student()
+    student = Student(spec).to(device)
+    student.load_state_dict(selection["state"])
+    return student
+
+
+def _distillation_saver(
+    engine: CDDEngine, selection: dict | None, rank: int, epoch: int, steps: int, loop_config: dict
+):
+    """A function that writes this rank's part of the checkpoint of the step just done."""
+    evaluation_state = _evaluation_state(engine, selection)
+
+    def save(directory: str) -> None:
+        if rank == 0:
+            save_global(
+                directory,
+                engine.global_student,
+                engine.global_optimizer,
+                epoch,
+                steps,
+                loop_config["config"],
+                loop_config.get("domain_manifest"),
+                extra={
+                    "global_ema": None if engine.global_ema is None else engine.global_ema.state_dict(),
+                    **evaluation_state,
+                },
+            )
+        save_domains(directory, rank, engine.domain_students, engine.domain_optimizers)
+
+    return save
+
+
+def _evaluation_state(engine: CDDEngine, selection: dict | None) -> dict:
+    """Checkpoint entries for the weights that scoring uses (None: the global student itself)."""
+    if selection is not None:
+        chosen = {"epoch": selection["epoch"], "proxy_loss": selection["proxy_loss"]}
+        return {"evaluation_student": selection["state"], "selection": chosen}
+    if engine.global_ema is not None:
+        return {"evaluation_student": engine.global_ema.module.state_dict(), "selection": None}
+    return {"evaluation_student": None, "selection": None}

@@ -3,8 +3,8 @@
 Train V2 inside Tune: the function trainable builds and fits the TorchTrainer itself, and
 ``AggregationReports`` forwards each aggregation epoch's report (loss_global, ...) to Tune, which ASHA uses.
 The label-free proxy comes with each epoch's report when the run holds out part of the training set;
-after training the trial scores the test set (labeled metrics, unless ``eval.score_test=false``) and
-one final ``tune.report`` carries everything.
+the run's workers score the test set at its end (labeled metrics, unless ``eval.score_test=false``)
+and one final ``tune.report`` carries everything.
 
 ``CDD_RAY_TEST_FAIL_ONCE=<path>`` in the driver's environment (tests only) makes the first trial
 that creates <path> fail, to simulate an interrupted sweep.
@@ -21,7 +21,7 @@ from rich.console import Console
 
 from cdd_ray.config import config_from_dict, with_overrides
 from cdd_ray.evaluate.report import METRIC_KEYS
-from cdd_ray.train.run import evaluate, train
+from cdd_ray.train.run import read_metrics, train
 
 FAIL_ONCE_ENV = "CDD_RAY_TEST_FAIL_ONCE"
 
@@ -66,9 +66,9 @@ def run_trial(params: dict, base: dict, storage_path: str, fail_once: str | None
     name = tune.get_context().get_trial_name()
     run_settings = [f"name={name}", f"ray.storage_path={storage_path}"]
     config = with_overrides(config_from_dict(base), [*trial_overrides(params), *run_settings])
-    run_dir, checkpoint, final = train(config, Console(quiet=True), callbacks=[AggregationReports()])
+    run_dir, _, final = train(config, Console(quiet=True), callbacks=[AggregationReports()])
     if config.eval.score_test:
-        metrics = evaluate(config, run_dir, checkpoint)
+        metrics = read_metrics(run_dir)
         final.update({key: metrics[key] for key in METRIC_KEYS if key in metrics})
     final.update(run_dir=str(run_dir), trial_started=started, trial_finished=time.time())
     tune.report(final)

@@ -7,8 +7,8 @@ import timm
 import torch
 
 from cdd_ray.models import teacher as teacher_module
-from cdd_ray.models.losses import ObjectiveConfig
-from cdd_ray.models.student import student_spec
+from cdd_ray.models.distillation.losses import ObjectiveConfig
+from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.models.teacher import TeacherConfig, TeacherWeightsError, build_teacher
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 from tests.conftest import TINY_BACKBONE

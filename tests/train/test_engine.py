@@ -1,16 +1,18 @@
 import pytest
 import torch
 
-from cdd_ray.models.losses import ObjectiveConfig
-from cdd_ray.models.student import student_spec
-from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, OptimConfig, batches, fit_in_process
+from cdd_ray.models.distillation.losses import ObjectiveConfig
+from cdd_ray.models.distillation.student import student_spec
+from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, OptimConfig, batches, fit_in_process, lr_at
 from tests.models.test_teacher import random_teacher
 
 
-def make_engine(num_domains: int = 2, **objective):
+def make_engine(num_domains: int = 2, optim: OptimConfig | None = None, **objective):
     teacher = random_teacher()
     spec = student_spec(teacher.channels, teacher.reductions)
-    return CDDEngine.create(teacher, spec, num_domains, ObjectiveConfig(**objective), OptimConfig(), seed=3)
+    return CDDEngine.create(
+        teacher, spec, num_domains, ObjectiveConfig(**objective), optim or OptimConfig(), seed=3
+    )
 
 
 def weights(module):
@@ -90,3 +92,59 @@ def test_in_process_fit_refuses_an_empty_training_set_and_mismatched_domain_ids(
         fit_in_process(engine, torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), 1, batch_size=4)
     with pytest.raises(ValueError, match="4 images but 3 domain ids"):
         fit_in_process(engine, torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0]), 1, batch_size=4)
+
+
+def test_learning_rate_warms_up_then_follows_a_half_cosine():
+    optim = OptimConfig(lr=0.01, lr_schedule="cosine", warmup=0.2, min_lr_ratio=0.1)
+    assert lr_at(optim, 0.0) == 0.0
+    assert lr_at(optim, 0.1) == pytest.approx(0.005)
+    assert lr_at(optim, 0.2) == pytest.approx(0.01)
+    assert lr_at(optim, 0.6) == pytest.approx(0.001 + 0.5 * 0.009)  # halfway through the decay
+    assert lr_at(optim, 1.0) == pytest.approx(0.001)
+    assert lr_at(OptimConfig(lr=0.01), 0.7) == 0.01
+
+
+def test_the_optimizer_steps_with_the_scheduled_learning_rate():
+    engine = make_engine(1, optim=OptimConfig(lr=0.01, lr_schedule="cosine", min_lr_ratio=0.0))
+    engine.global_step(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), progress=0.5)
+    assert engine.global_optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_gradient_clipping_bounds_the_gradient_norm():
+    engine = make_engine(1, optim=OptimConfig(clip_grad_norm=1e-3))
+    engine.global_step(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    grads = [p.grad for p in engine.global_student.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * (1 + 1e-4)
+
+
+def test_ema_student_is_the_exponential_average_of_the_trained_weights():
+    decay = 0.5
+    engine = make_engine(1, optim=OptimConfig(ema_decay=decay))
+    assert engine.evaluation_student() is not engine.global_student
+    images, domains = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+    engine.global_step(images, domains)
+    first = weights(engine.global_student)  # the first update copies the weights
+    engine.global_step(images, domains)
+    second = weights(engine.global_student)
+    for key, value in engine.evaluation_student().state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, decay * first[key] + (1 - decay) * second[key], atol=1e-6), key
+    assert weights(make_engine(1).evaluation_student()).keys() == first.keys()
+
+
+def test_selection_keeps_the_best_epoch_weights():
+    engine = make_engine(1)
+    scores = iter([3.0, 1.0, 2.0])
+    kept = {}
+
+    def select_on(student):
+        score = next(scores)
+        kept[score] = weights(student)
+        return score
+
+    history = fit_in_process(
+        engine, torch.rand(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), 3, 4, select_on=select_on
+    )
+    assert [h["selection_score"] for h in history] == [3.0, 1.0, 2.0]
+    final = weights(engine.evaluation_student())
+    assert all(torch.equal(final[k], kept[1.0][k]) for k in final)

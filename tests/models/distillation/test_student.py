@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cdd_ray.models.student import Student, build_student, student_spec
+from cdd_ray.models.distillation.student import Student, build_student, student_spec
 from tests.models.test_teacher import random_teacher
 
 BACKBONES = [("test_resnet", 32), ("test_efficientnet", 32), ("resnet18", 64), ("tf_efficientnet_lite0", 64)]

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from cdd_ray.models.losses import (
+from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
     agreement_gate,
     global_student_loss,
     pseudo_normal_targets,
     rd_loss,
 )
-from cdd_ray.models.student import student_spec
+from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.train.engine import CDDEngine, OptimConfig, batches, fit_in_process, seeded_student
 from tests.models.test_teacher import random_teacher
 

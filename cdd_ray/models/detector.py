@@ -1,0 +1,91 @@
+"""Detectors: one module per method family that maps an image batch to anomaly maps and image scores.
+
+Every path that scores images (the train workers' test scoring, ``cdd-ray evaluate``, ``predict``,
+the benchmarks and the exported model) goes through these, so a method is scored one way only.
+
+- ``DistillationDetector`` (RD and CDD): teacher + global student; map = sum over levels of the
+  upsampled channel-wise (1 - cosine), blurred; image score = max of the map (RD4AD).
+- ``PatchCoreDetector`` (PatchCore and SoftPatch): teacher + memory bank; map = upsampled, blurred
+  nearest-neighbour distances of the locally aware patch features; image score = the (reweighted)
+  largest patch score (see ``cdd_ray.models.patchcore.memory_bank``).
+
+Input: images (B, 3, H, W) float in [0, 1]; output: maps (B, H, W) and scores (B,), float32.
+
+Example::
+
+    detector = DistillationDetector(teacher, student, sigma=4.0).eval()
+    maps, scores = detector(images)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cdd_ray.models.anomaly_map import anomaly_map, image_scores
+from cdd_ray.models.patchcore.features import patch_features
+from cdd_ray.models.patchcore.memory_bank import MemoryBank, score_patches
+from cdd_ray.models.patchcore.model import MemoryBankConfig
+from cdd_ray.models.teacher import Teacher
+
+
+class DistillationDetector(nn.Module):
+    def __init__(self, teacher: Teacher, student: nn.Module, sigma: float = 4.0):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.sigma = sigma
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.student.eval()
+        features = self.teacher(images)
+        maps = anomaly_map(features, self.student(features), tuple(images.shape[-2:]), self.sigma)
+        return maps, image_scores(maps)
+
+
+class PatchCoreDetector(nn.Module):
+    """The bank's tensors are buffers, so ``.to(device)`` moves them with the teacher."""
+
+    def __init__(self, teacher: Teacher, bank: MemoryBank, config: MemoryBankConfig, sigma: float = 4.0):
+        super().__init__()
+        self.teacher = teacher
+        self.register_buffer("bank_features", bank.features)
+        self.register_buffer("bank_weights", bank.weights)
+        self.patch_shape = tuple(bank.patch_shape)
+        self.config = config
+        self.sigma = sigma
+
+    @property
+    def bank(self) -> MemoryBank:
+        return MemoryBank(self.bank_features, self.bank_weights, self.patch_shape)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = patch_features(self.teacher(images))
+        return score_patches(
+            self.bank,
+            features,
+            tuple(images.shape[-2:]),
+            self.config.num_neighbors,
+            self.config.reweight,
+            self.sigma,
+            self.config.search,
+        )
+
+
+@torch.no_grad()
+def score_in_batches(
+    detector: nn.Module, images: torch.Tensor, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (N, H, W) and scores (N,) on the CPU for images (N, 3, H, W) of any length, scored on
+    the detector's device ``batch_size`` at a time."""
+    device = next(iter(detector.teacher.parameters())).device
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        batch_maps, batch_scores = detector(images[start : start + batch_size].to(device).float())
+        maps.append(batch_maps.float().cpu())
+        scores.append(batch_scores.float().cpu())
+    if not maps:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(maps), torch.cat(scores)
