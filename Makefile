@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ lint: setup
 	$(BIN)/ruff format --check cdd_ray tests bench
 
 test: setup lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=10
+
+# the inner loop: every test that needs no Ray cluster (CI runs `make test`, all of them)
+test-fast: setup lint
+	$(BIN)/pytest -q -p no:cacheprovider -m "not ray" --durations=5
 
 demo: setup
 	$(BIN)/cdd-ray demo

@@ -4,6 +4,7 @@
 # anomalib lives in its own virtual environment (bench/.anomalib-venv), never in cdd-ray's
 # dependencies; torch and the other heavy packages there follow cdd-ray's constraints.txt.
 #   bash bench/anomalib_compare.sh [--backbone resnet18] [--size 128] [--batch 8] [--steps 12]
+#   bash bench/anomalib_compare.sh patchcore [--settings clean overlap] [--seeds 0 1 2]   (PatchCore metrics)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=bench/.anomalib-venv
@@ -13,4 +14,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import anomalib, cdd_
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e . "anomalib==$ANOMALIB_VERSION"
 fi
-"$VENV/bin/python" bench/anomalib_compare.py "$@"
+if [ "${1:-}" = "patchcore" ]; then
+  shift
+  "$VENV/bin/python" bench/anomalib_patchcore.py "$@"
+else
+  "$VENV/bin/python" bench/anomalib_compare.py "$@"
+fi

@@ -29,7 +29,10 @@ from cdd_ray.data.domains import PartitionError
 from cdd_ray.data.images import BadImageError, MaskMismatchError
 from cdd_ray.data.sources import SOURCE_KINDS, SourceError
 from cdd_ray.data.store import StoreError
+from cdd_ray.evaluate.export import ExportError
+from cdd_ray.evaluate.predict import ThresholdError
 from cdd_ray.models.teacher import TeacherWeightsError
+from cdd_ray.ray_session import RayAddressError, ResourcesError, set_verbose
 from cdd_ray.train.checkpoint import CheckpointError
 from cdd_ray.train.errors import RunDirError, TrainingError
 
@@ -45,6 +48,10 @@ USER_ERRORS = (
     CheckpointError,
     RunDirError,
     TrainingError,
+    RayAddressError,
+    ResourcesError,
+    ThresholdError,
+    ExportError,
     FileNotFoundError,
 )
 
@@ -74,6 +81,8 @@ def _prepare(args: argparse.Namespace, console: Console) -> None:
     )
     for key, count in summary["counts"].items():
         console.print(f"{key}: {count}")
+    for warning in summary.get("warnings", []):
+        console.print(f"[yellow]warning: {warning}[/yellow]")
     if summary["skipped"]:
         console.print(f"[yellow]skipped {len(summary['skipped'])} bad files[/yellow]")
         for message in summary["skipped"]:
@@ -87,6 +96,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
 
     config = load_config(args.config, args.overrides)
     if args.dry_run:
+        check_local_resources(config)
         console.print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         console.print("configuration valid; --dry-run: nothing started")
         return
@@ -98,6 +108,20 @@ def _train(args: argparse.Namespace, console: Console) -> None:
         return
     print_metrics_table({outcome.run_dir.name: outcome.metrics}, console)
     console.print(f"metrics: {outcome.run_dir / 'metrics.json'}")
+
+
+def check_local_resources(config) -> None:
+    """--dry-run without RAY_ADDRESS: the run would get a local Ray with this machine's CPUs."""
+    from cdd_ray.ray_session import check_resources
+
+    if not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        use_gpu = bool(config.ray.use_gpu)
+        gpus = float(torch.cuda.device_count()) if use_gpu else 0.0
+        check_resources(
+            config.ray.num_workers, config.ray.cpus_per_worker, use_gpu, os.cpu_count() or 1, gpus, False
+        )
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> None:
@@ -116,11 +140,40 @@ def _predict(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.evaluate.predict import predict_images
     from cdd_ray.train.run import latest_checkpoint
 
+    threshold: str | float | None = "evaluated"
+    if args.no_decision:
+        threshold = None
+    elif args.quantile is not None:
+        threshold = f"quantile:{args.quantile}"
+    elif args.threshold is not None:
+        threshold = (
+            args.threshold if args.threshold == "evaluated" else _number(args.threshold, "--threshold")
+        )
+    run_dir = Path(args.run_dir)
     rows = predict_images(
-        latest_checkpoint(Path(args.run_dir)), [Path(p) for p in args.images], Path(args.out)
+        run_dir, latest_checkpoint(run_dir), [Path(p) for p in args.images], Path(args.out), threshold
     )
     for row in rows:
-        console.print(f"{row['image']}\t{row['score']:.5f}\t{row['map']}")
+        decision = "" if row["anomalous"] is None else ("anomalous" if row["anomalous"] else "normal")
+        console.print(f"{row['image']}\t{row['score']:.5f}\t{decision}", markup=False)
+    console.print(f"predictions: {Path(args.out).resolve() / 'predictions.csv'} (and .json, maps, masks)")
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError as error:
+        raise ConfigError(f"{option} {text!r}: give a number or 'evaluated'") from error
+
+
+def _export(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.evaluate.export import export_run
+    from cdd_ray.train.run import latest_checkpoint
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "export"
+    path = export_run(run_dir, latest_checkpoint(run_dir), args.format, out)
+    console.print(f"exported {args.format}: {path.resolve()} (details in {path.parent / 'export.json'})")
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> None:
@@ -129,7 +182,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> None:
 
     spec = load_sweep(Path(args.spec), args.overrides)
     if args.dry_run:
-        load_config(spec.base_config, spec.overrides)
+        check_local_resources(load_config(spec.base_config, spec.overrides))
         console.print(f"sweep {spec.name}: space {spec.search_space}, objective {spec.metric} ({spec.mode})")
         console.print("sweep and base configuration valid; --dry-run: nothing started")
         return
@@ -143,7 +196,7 @@ def _grid(args: argparse.Namespace, console: Console) -> None:
     spec = load_grid(Path(args.spec), args.overrides)
     if args.dry_run:
         for overrides in spec.methods.values():
-            load_config(spec.base_config, [*spec.overrides, *overrides])
+            check_local_resources(load_config(spec.base_config, [*spec.overrides, *overrides]))
         cells = len(spec.categories) * len(spec.noise_ratios) * len(spec.overlap) * len(spec.seeds)
         console.print(f"grid {spec.name}: {cells * len(spec.methods)} runs ({', '.join(spec.methods)})")
         console.print("grid and method configurations valid; --dry-run: nothing started")
@@ -185,8 +238,16 @@ class JobFailedError(RuntimeError):
     """A followed job ended in another state than SUCCEEDED."""
 
 
+def _job_address() -> str:
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address.startswith(("http://", "https://")) else "http://127.0.0.1:8265"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdd-ray", description="Cross-Domain Distillation for FUAD on Ray")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Ray's own log lines and the workers' output too"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser(
@@ -223,11 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.set_defaults(handler=_evaluate)
 
-    predict = commands.add_parser("predict", help="scores and anomaly-map PNGs for new images")
+    predict = commands.add_parser("predict", help="scores, decisions, region masks and maps for new images")
     predict.add_argument("run_dir")
-    predict.add_argument("images", nargs="+")
+    predict.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     predict.add_argument("--out", required=True)
+    decide = predict.add_mutually_exclusive_group()
+    decide.add_argument(
+        "--threshold",
+        help="decision threshold in score units, or 'evaluated' (default: the run's F1-max thresholds)",
+    )
+    decide.add_argument(
+        "--quantile", type=float, help="label-free threshold: this quantile of the held-out images' scores"
+    )
+    decide.add_argument("--no-decision", action="store_true", help="scores and maps only")
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser("export", help="the run's detector as one TorchScript or ONNX file")
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    export.add_argument("--out", help="folder for the file (default: RUN_DIR/export)")
+    export.set_defaults(handler=_export)
 
     sweep = commands.add_parser("sweep", help="Ray Tune over domain count and loss weights")
     sweep.add_argument("spec", help="sweep YAML, e.g. sweeps/domains_and_weights.yaml")
@@ -243,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--dry-run", action="store_true", help="check the grid and its configs, start nothing")
     grid.set_defaults(handler=_grid)
 
-    demo = commands.add_parser("demo", help="RD vs CDD on the synthetic benchmark with 10%% noise")
+    demo = commands.add_parser(
+        "demo", help="RD, CDD, PatchCore, SoftPatch on the photo benchmark, clean and 20%% contaminated"
+    )
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--quick", action="store_true", help="tiny images, sets and epochs (tests)")
     demo.set_defaults(handler=_demo)
@@ -254,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--address",
-        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
-        help="the cluster's dashboard/job address (default: RAY_ADDRESS or http://127.0.0.1:8265)",
+        default=_job_address(),
+        help="the cluster's dashboard (job API) address, http://HOST:8265 (default: RAY_ADDRESS when it "
+        "has that http form, else http://127.0.0.1:8265). A driver's RAY_ADDRESS is the GCS "
+        "address (HOST:6379) instead",
     )
     submit.add_argument("--job-id", help="submission id (default: derived from the command)")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir")
@@ -268,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     console = Console()
     try:
         args.handler(args, console)

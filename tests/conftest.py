@@ -17,6 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_BACKBONE = "test_resnet"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that uses the session's Ray is marked ``ray`` (``make test-fast`` leaves them out);
+    tests that start a Ray of their own carry the mark themselves."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

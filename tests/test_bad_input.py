@@ -91,3 +91,26 @@ def test_train_refuses_bad_settings_before_any_checkpoint(
     assert main(["train", *args]) == 2
     assert message in capsys.readouterr().out.replace("\n", "")
     assert not list((tmp_path / "runs").glob("refused/checkpoint_*"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.num_domains=2", "ray.num_workers=0"], "domain 1 holds 1 training image"),
+        (["train.num_domains=1", "ray.num_workers=2"], "leaves a worker fewer than 2 images"),
+        (["method=softpatch", "ray.num_workers=0"], "needs more than memory_bank.outlier_neighbors=6"),
+    ],
+)
+def test_a_set_too_small_for_the_run_is_refused_before_any_worker_starts(
+    ray_session, tmp_path, capsys, overrides, message
+):
+    from cdd_ray.data.prepare import prepare
+    from cdd_ray.data.synthetic import SyntheticConfig
+
+    synthetic = SyntheticConfig(image_size=32, train_normal=3, test_normal=2, test_anomalous=2)
+    prepare("synthetic", None, tmp_path / "store", ["weave"], synthetic=synthetic)
+    args = tiny_overrides(tmp_path / "store", tmp_path / "runs", name="tiny") + overrides
+    assert main(["train", *args]) == 2
+    out = capsys.readouterr().out.replace("\n", "")
+    assert message in out and "resumes" not in out
+    assert not list((tmp_path / "runs").glob("tiny/checkpoint_*"))

@@ -36,9 +36,13 @@ def test_prepare_synthetic_from_the_command_line(tmp_path, capsys):
     assert info["counts"]["pill/train/anomalous"] == 6 and info["contamination"]["ratio"] == 0.1
 
 
-def test_demo_quick_writes_demo_json(ray_session, tmp_path):
+def test_demo_quick_writes_demo_json_and_reports(ray_session, tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "demo.json").read_text())
-    for method in ("rd", "cdd"):
-        assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"} <= set(result[method])
-        assert set(result[method]["per_category"]) == {"weave"}
+    for method in ("rd", "cdd", "patchcore", "softpatch"):
+        assert {"image_auroc_clean", "image_auroc_noisy", "aupro_clean", "aupro_noisy"} <= set(result[method])
+        assert all(0 <= value <= 1 for value in result[method].values())
+    grid = tmp_path / "demo"
+    assert (grid / "summary.html").is_file() and (grid / "summary.md").is_file()
+    reports = list((grid / "runs").glob("*/report.html"))
+    assert len(reports) == 8  # 4 methods x clean and noisy

@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from cdd_ray.train.checkpoint import load_global
 from cdd_ray.train.run import FAULT_ENV, PROGRESS_FILE, latest_checkpoint
 from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.ray
 
 
 def cli(*args: str) -> list[str]:
@@ -95,7 +98,7 @@ def test_sigint_to_a_sweep_then_resume_runs_only_the_unfinished_trials(ray_sessi
     overrides = tiny_overrides(
         tiny_store,
         tmp_path / "unused",
-        **{"ray.num_workers": 1, "ray.cpus_per_worker": 1, "eval.score_test": "false"},
+        **{"ray.num_workers": 0, "ray.cpus_per_worker": 1, "eval.score_test": "false"},
         **{"data.holdout_fraction": 0.2, "train.epochs": 2},
     )
     spec = tmp_path / "sweep.yaml"

@@ -23,6 +23,8 @@ from cdd_ray.train.checkpoint import load_domains, load_global
 from cdd_ray.train.run import latest_checkpoint
 from tests.conftest import tiny_overrides
 
+pytestmark = pytest.mark.ray
+
 BIN = Path(sys.executable).parent
 
 

@@ -1,7 +1,11 @@
 """Decoding and validation of image and mask files, with errors that name the file.
 
 Every image becomes 8-bit RGB (grayscale, RGBA, palette and 16-bit inputs are converted); every
-mask becomes a boolean array binarized at half of its value range.
+mask becomes a boolean array, defect wherever a stored value is non-zero (masks that store 255, 1,
+40 or class ids 1, 2, 3 as VisA's do, all read the same). An EXIF orientation tag is applied to
+images and masks alike, so both come out as an image viewer shows them. Conversions depend on the
+file's format only, never on what one image happens to contain: 16-bit data is divided by 65535,
+floating-point data is taken as [0, 1], and 32-bit integer data (no fixed white level) is refused.
 
 Example::
 
@@ -15,7 +19,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -34,21 +38,25 @@ def _open(data: bytes, name: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        upright = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise BadImageError(f"{name}: not a readable image ({error})") from error
-    return image
+    upright.format = image.format  # the conversion of 16- and 32-bit data depends on it
+    return upright
 
 
-def _to_array(image: Image.Image) -> np.ndarray:
-    """8-bit array in the image's own channels (1, 3 or 4), scaling 16/32-bit integer data down."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+def _to_array(image: Image.Image, name: str) -> np.ndarray:
+    """8-bit array in the image's own channels (1, 3 or 4); the scale follows the mode only."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image, dtype=np.float64)  # PNG stores at most 16 bits per sample
+        return np.clip(values / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if image.mode == "I":
+        raise BadImageError(
+            f"{name}: 32-bit integer pixels have no fixed white level; save the image with 8 or 16 bits"
+        )
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        top = 1.0 if values.max() <= 1.0 else 255.0
-        return np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)  # floating point: [0, 1]
     return np.asarray(image)
 
 
@@ -58,16 +66,22 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
     if image.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "L", "1"):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    gray = _to_array(image)
+    gray = _to_array(image, name)
     return np.repeat(gray[..., None], 3, axis=2) if gray.ndim == 2 else gray[..., :3]
 
 
 def decode_mask(data: bytes, name: str) -> np.ndarray:
+    """True wherever the stored value is non-zero: 255, 1 and class ids all mark a defect. Palette
+    masks are read by palette index (0 is background), colour masks by any non-zero channel."""
     image = _open(data, name)
-    if image.mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
-        image = image.convert("L")
-    values = _to_array(image) if image.mode != "1" else np.asarray(image, dtype=np.uint8) * 255
-    return values >= 128
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+    values = np.asarray(image)
+    if values.ndim == 3:
+        return values.any(axis=2)
+    return values != 0
 
 
 def read_image(path: Path) -> np.ndarray:

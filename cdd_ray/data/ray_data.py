@@ -6,13 +6,14 @@ The training dataset carries only ``sample_id``, ``image`` and ``domain``: no la
 run in an actor that holds the teacher.
 
 Datasets are materialized before training starts, so that no lazy map_batches waits for CPUs that
-the train workers hold (it would hang on a 2-CPU machine).
+the train workers hold (it would hang on a 2-CPU machine). Sample ids come straight from the
+Parquet file (no image decoded); the domain assignment is applied while decoding, so a training set
+is read and decoded by one Ray Data job.
 
 Example::
 
-    train = read_split(store, "train", category="weave", image_size=128).materialize()
-    ids, vectors = embeddings(train, config.teacher)
-    train = with_domains(train, assignment).materialize()
+    ids = split_sample_ids(store, "train", category="weave")
+    train = read_split(store, "train", "weave", 128, assignment=assignment).materialize()
 """
 
 from __future__ import annotations
@@ -22,15 +23,24 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from cdd_ray.data.batches import add_domain, decode_batch, keep_assigned, keep_domain
+from cdd_ray.data.batches import decode_batch
 from cdd_ray.data.store import SAMPLES_FILE, check_store
 
 TRAIN_READ_COLUMNS = ["sample_id", "category", "split", "image"]
 EVAL_READ_COLUMNS = ["sample_id", "category", "split", "label", "defect_type", "image", "mask"]
 
 
-def read_split(store: Path, split: str, category: str, image_size: int) -> ray.data.Dataset:
-    """Decoded rows of one split; the train split leaves out label, defect type and injected."""
+def read_split(
+    store: Path,
+    split: str,
+    category: str,
+    image_size: int,
+    assignment: dict[str, int] | None = None,
+    holdout: bool = False,
+) -> ray.data.Dataset:
+    """Decoded rows of one split; the train split leaves out label, defect type and injected.
+    ``assignment`` adds the domain column and keeps the assigned rows (``holdout``: the held-out
+    ones), see ``cdd_ray.data.batches.decode_batch``."""
     check_store(store)
     evaluation = split != "train"
     columns = EVAL_READ_COLUMNS if evaluation else TRAIN_READ_COLUMNS
@@ -38,7 +48,14 @@ def read_split(store: Path, split: str, category: str, image_size: int) -> ray.d
     return dataset.map_batches(
         decode_batch,
         batch_format="pyarrow",
-        fn_kwargs={"split": split, "category": category, "image_size": image_size, "evaluation": evaluation},
+        fn_kwargs={
+            "split": split,
+            "category": category,
+            "image_size": image_size,
+            "evaluation": evaluation,
+            "assignment": assignment,
+            "holdout": holdout,
+        },
     )
 
 
@@ -68,19 +85,3 @@ def embeddings(dataset: ray.data.Dataset, teacher: object) -> tuple[list[str], n
         batch_size=32,
     ).take_all()
     return [r["sample_id"] for r in rows], np.stack([r["embedding"] for r in rows])
-
-
-def with_domains(dataset: ray.data.Dataset, assignment: dict[str, int]) -> ray.data.Dataset:
-    """Tag rows with their domain; held-out rows (domain -1) are left out."""
-    return dataset.map_batches(add_domain, fn_kwargs={"assignment": assignment}).map_batches(keep_assigned)
-
-
-def holdout_dataset(dataset: ray.data.Dataset, assignment: dict[str, int]) -> ray.data.Dataset:
-    """Only the held-out rows of a decoded training dataset."""
-    return dataset.map_batches(add_domain, fn_kwargs={"assignment": assignment}).map_batches(
-        keep_domain, fn_kwargs={"domain": -1}
-    )
-
-
-def domain_dataset(dataset: ray.data.Dataset, domain: int) -> ray.data.Dataset:
-    return dataset.map_batches(keep_domain, fn_kwargs={"domain": domain})

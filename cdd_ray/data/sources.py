@@ -48,8 +48,23 @@ class SourceEntry:
     augment_seed: int | None = None
 
 
+def _hidden(path: Path) -> bool:
+    """Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are never data."""
+    return path.name.startswith(".")
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Every visible file of an image folder (each is then read or refused by name); a visible
+    sub-folder is refused rather than silently left out."""
+    entries = sorted(p for p in folder.iterdir() if not _hidden(p))
+    nested = [p for p in entries if p.is_dir()]
+    if nested:
+        raise SourceError(f"{nested[0]}: a folder inside the image folder {folder} is not read; move it out")
+    return [p for p in entries if p.is_file()]
+
+
+def _folders_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))
 
 
 def _mvtec_category(root: Path, category: str) -> list[SourceEntry]:
@@ -64,7 +79,7 @@ def _mvtec_category(root: Path, category: str) -> list[SourceEntry]:
     test_dir = base / "test"
     if not test_dir.is_dir():
         raise SourceError(f"{test_dir}: missing (MVTec layout needs <category>/test)")
-    for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+    for defect_dir in _folders_in(test_dir):
         defect = defect_dir.name
         for path in _images_in(defect_dir):
             mask = None
@@ -126,7 +141,7 @@ def _visa_folders(
     root: Path, categories: list[str] | None, test_fraction: float, seed: int
 ) -> list[SourceEntry]:
     entries = []
-    found = sorted(d.name for d in root.iterdir() if (d / "Data" / "Images").is_dir())
+    found = [d.name for d in _folders_in(root) if (d / "Data" / "Images").is_dir()]
     for category in categories or found:
         images = root / category / "Data" / "Images"
         if not images.is_dir():
@@ -218,7 +233,7 @@ def read_source(
     root = Path(root)
     expected = list(categories or [])  # every category asked for, or found on disk, needs training images
     if kind == "mvtec":
-        found = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
+        found = [d.name for d in _folders_in(root) if (d / "train").is_dir()]
         expected = expected or found
         entries = [e for c in expected for e in _mvtec_category(root, c)]
     elif kind == "visa":

@@ -26,10 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cdd_ray.data.contamination import ContaminationPlan, augment
-from cdd_ray.data.images import BadImageError, encode_mask, encode_png, read_image, read_mask
+from cdd_ray.data.images import (
+    BadImageError,
+    MaskMismatchError,
+    encode_mask,
+    encode_png,
+    read_image,
+    read_mask,
+)
 from cdd_ray.data.sources import SourceEntry
 
 STORE_FORMAT_VERSION = 1
@@ -57,6 +65,10 @@ class StoreError(ValueError):
     """A store directory is missing, from another version, or inconsistent; the message says which."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, then rename over it."""
     path = Path(path)
@@ -65,6 +77,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(temporary, 0o666 & ~_UMASK)  # what open() would give; mkstemp makes it private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -81,6 +94,11 @@ def _pixels(entry: SourceEntry, seed: int) -> tuple[np.ndarray, np.ndarray | Non
     else:
         image = read_image(entry.image_path)
         mask = read_mask(entry.mask_path, image.shape[:2], entry.image_path) if entry.mask_path else None
+        if mask is not None and entry.label == 1 and not mask.any():
+            raise MaskMismatchError(
+                f"mask {entry.mask_path} of anomalous image {entry.image_path} marks no defect pixel "
+                "(every value is 0); an anomalous image needs its defect marked"
+            )
     if entry.augment_seed is not None:
         rng = np.random.default_rng([seed, entry.augment_seed, sum(entry.sample_id.encode())])
         image, mask = augment(image, mask, rng)
@@ -152,11 +170,28 @@ def write_store(
         },
         "contamination": plan.settings() if plan else None,
         "skipped": skipped,
+        "warnings": scoring_warnings(counts),
     }
     if plan is not None:
         write_json(out / MANIFEST_FILE, {**plan.settings(), "injected": plan.injected})
     write_json(out / STORE_FILE, summary)
     return summary
+
+
+def scoring_warnings(counts: Counter) -> list[str]:
+    """What a category's test set lacks for scoring (evaluation then leaves those metrics out)."""
+    warnings = []
+    for category in sorted({c for c, _, _ in counts}):
+        normal, anomalous = counts[(category, "test", 0)], counts[(category, "test", 1)]
+        if not anomalous:
+            warnings.append(
+                f"{category}: the test set has no anomalous image ({normal} normal); AUROC, F1 and AUPRO "
+                "cannot be computed (did the noise ratio move every anomaly into training? --overlap "
+                "keeps them in the test set)"
+            )
+        elif not normal:
+            warnings.append(f"{category}: the test set has no normal image; AUROC and F1 cannot be computed")
+    return warnings
 
 
 def read_manifest(out: Path, plan_settings: dict) -> dict[str, list[str]] | None:
@@ -183,3 +218,12 @@ def check_store(store: Path) -> dict:
             "prepare it again"
         )
     return info
+
+
+def split_sample_ids(store: Path, split: str, category: str) -> list[str]:
+    """Sorted sample ids of one split (and category), read from the Parquet file without images."""
+    table = pq.read_table(Path(store) / SAMPLES_FILE, columns=["sample_id", "split", "category"])
+    keep = pc.equal(table["split"], split)
+    if category:
+        keep = pc.and_(keep, pc.equal(table["category"], category))
+    return sorted(table.filter(keep)["sample_id"].to_pylist())

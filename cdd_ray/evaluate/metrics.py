@@ -17,8 +17,6 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
@@ -30,21 +28,34 @@ def _check_binary(labels: np.ndarray, what: str) -> None:
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score  # here: sklearn costs ~1-2 s to import
+
     labels = np.asarray(labels).ravel().astype(np.int64)
     _check_binary(labels, "AUROC")
     return float(roc_auc_score(labels, np.asarray(scores).ravel()))
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    return f1_max_threshold(scores, labels)[0]
+
+
+def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The largest F1 over all thresholds, and the threshold that gives it (a score counts as
+    anomalous when it is >= the threshold)."""
+    from sklearn.metrics import precision_recall_curve
+
     labels = np.asarray(labels).ravel().astype(np.int64)
     _check_binary(labels, "F1-max")
-    precision, recall, _ = precision_recall_curve(labels, np.asarray(scores).ravel())
+    precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores).ravel())
     f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
-    return float(f1.max())
+    best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+    return float(f1[best]), float(thresholds[best])
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected components of each mask, numbered 1..R across the whole set (0 = normal)."""
+    from scipy import ndimage
+
     regions = np.zeros(masks.shape, dtype=np.int64)
     total = 0
     for index, mask in enumerate(masks):
@@ -101,14 +112,18 @@ def compute_metrics(
     masks: np.ndarray | None = None,
     fpr_limit: float = 0.3,
 ) -> dict[str, float]:
-    """The five numbers we report: image/pixel AUROC, AUPRO, image/pixel F1-max."""
+    """The five numbers we report (image/pixel AUROC, AUPRO, image/pixel F1-max) and the F1-max
+    thresholds (``image_threshold``, ``pixel_threshold``, in the scores' own units: a run's decision
+    thresholds)."""
+    image_f1, image_threshold = f1_max_threshold(image_scores, image_labels)
     result = {
         "image_auroc": auroc(image_scores, image_labels),
-        "image_f1_max": f1_max(image_scores, image_labels),
+        "image_f1_max": image_f1,
+        "image_threshold": image_threshold,
     }
     if maps is not None and masks is not None:
         pixel_labels = (np.asarray(masks) > 0).astype(np.uint8)
         result["pixel_auroc"] = auroc(maps, pixel_labels)
-        result["pixel_f1_max"] = f1_max(maps, pixel_labels)
+        result["pixel_f1_max"], result["pixel_threshold"] = f1_max_threshold(maps, pixel_labels)
         result["aupro"] = aupro(maps, pixel_labels, fpr_limit)
     return result

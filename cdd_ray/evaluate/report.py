@@ -71,20 +71,30 @@ def mean_over_categories(per_category: dict[str, dict]) -> dict:
     return summary
 
 
+SHORT_NAMES = {
+    "image_auroc": "img AUROC",
+    "pixel_auroc": "px AUROC",
+    "aupro": "AUPRO",
+    "image_f1_max": "img F1",
+    "pixel_f1_max": "px F1",
+}
+
+
 def print_metrics_table(
     runs: dict[str, dict], console: Console | None = None, title: str = "metrics"
 ) -> None:
-    """One row per (run, category) and a mean row per run."""
+    """One row per (run, category) and a mean row per run, readable at 80 columns (the run names
+    head each group; long ones wrap instead of cutting the metric columns)."""
     table = Table(title=title)
-    table.add_column("run")
-    table.add_column("category")
+    table.add_column("run / category", overflow="fold", min_width=12)
     for key in METRIC_KEYS:
-        table.add_column(key, justify="right")
+        table.add_column(SHORT_NAMES[key], justify="right", no_wrap=True)
     for name, metrics in runs.items():
+        table.add_row(f"[bold]{name}[/bold]", *[""] * len(METRIC_KEYS))
         for category, values in metrics["per_category"].items():
-            table.add_row(name, category, *[f"{values[k]:.4f}" if k in values else "-" for k in METRIC_KEYS])
+            table.add_row(f"  {category}", *[f"{values[k]:.3f}" if k in values else "-" for k in METRIC_KEYS])
         table.add_row(
-            name, "[bold]mean[/bold]", *[f"{metrics[k]:.4f}" if k in metrics else "-" for k in METRIC_KEYS]
+            "  [bold]mean[/bold]", *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in METRIC_KEYS]
         )
     console = console or Console()
     console.print(table)

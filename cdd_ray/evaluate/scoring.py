@@ -26,6 +26,7 @@ from torch import nn
 from cdd_ray.config import Config, config_from_dict
 from cdd_ray.data.batches import decode_batch
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
+from cdd_ray.evaluate.html_report import write_run_report
 from cdd_ray.evaluate.report import summarize, write_overlays
 from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector, score_in_batches
 from cdd_ray.models.distillation.student import Student, student_spec
@@ -34,6 +35,7 @@ from cdd_ray.models.teacher import build_teacher
 from cdd_ray.train.checkpoint import BANK_FILE, CheckpointError, load_global
 
 METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
 EVAL_COLUMNS = ["sample_id", "category", "split", "label", "defect_type", "image", "mask"]
 
 
@@ -70,15 +72,6 @@ def read_split_arrays(
     return decode_batch(table, split, category, image_size, evaluation=True)
 
 
-def split_ids(store: Path, split: str, category: str) -> list[str]:
-    """Sorted sample ids of one split (and category), without decoding any image."""
-    table = pq.read_table(Path(store) / SAMPLES_FILE, columns=["sample_id", "split", "category"])
-    keep = pc.equal(table["split"], split)
-    if category:
-        keep = pc.and_(keep, pc.equal(table["category"], category))
-    return sorted(table.filter(keep)["sample_id"].to_pylist())
-
-
 def score_arrays(
     detector: nn.Module, data: dict[str, np.ndarray], batch_size: int = 16
 ) -> dict[str, np.ndarray]:
@@ -98,20 +91,22 @@ def images_by_id(store: Path, category: str, image_size: int, sample_ids: list[s
 
 
 def write_evaluation(run_dir: Path, config: Config, results: dict[str, np.ndarray], checkpoint: str) -> dict:
-    """metrics.json and overlays/ of a scored test set; returns the metrics."""
+    """metrics.json, report.html and overlays/ of a scored test set; returns the metrics."""
     metrics = summarize(results, config.eval.fpr_limit)
     metrics["checkpoint"] = checkpoint
     write_json(Path(run_dir) / METRICS_FILE, metrics)
     store = Path(config.data.path)
+
+    def images_of(ids: list[str]) -> np.ndarray:
+        return images_by_id(store, config.data.category, config.data.image_size, ids)
+
+    write_run_report(
+        Path(run_dir) / REPORT_FILE, results, metrics, Path(run_dir).name, config.eval.fpr_limit, images_of
+    )
     # a fresh folder swapped in whole: no overlay of an earlier evaluation stays beside the new ones
     overlays = Path(run_dir) / "overlays"
     staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=run_dir))
-    write_overlays(
-        staging,
-        results,
-        config.eval.overlays,
-        lambda ids: images_by_id(store, config.data.category, config.data.image_size, ids),
-    )
+    write_overlays(staging, results, config.eval.overlays, images_of)
     if overlays.exists():
         retired = overlays.rename(Path(tempfile.mkdtemp(prefix=".retired.", dir=run_dir)) / "overlays")
         staging.rename(overlays)

@@ -124,3 +124,9 @@ def load_domains(directory: Path) -> tuple[dict[int, dict], dict[int, dict]]:
         students.update({int(k): v for k, v in payload["students"].items()})
         optimizers.update({int(k): v for k, v in payload["optimizers"].items()})
     return students, optimizers
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """A run directory's complete checkpoints (those holding global.pt), oldest first. Ray Train and
+    the in-process runner both name them ``checkpoint_<timestamp>``, so names sort by time."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / GLOBAL_FILE).is_file())

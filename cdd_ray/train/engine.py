@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
@@ -73,12 +73,31 @@ def lr_at(optim: OptimConfig, progress: float) -> float:
     return floor + 0.5 * (optim.lr - floor) * (1.0 + math.cos(math.pi * done))
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the ``updates``-th EMA update: ``min(decay, (1 + n) / (10 + n))``, the warm-up of
+    TensorFlow's ExponentialMovingAverage (its ``num_updates`` argument), so that a short run's
+    average is not dominated by its first, untrained weights (0.99 over 100 steps would still give
+    the initial weights a third of the average)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 def make_ema(module: nn.Module, decay: float) -> AveragedModel | None:
     """An exponential moving average of ``module``'s parameters and buffers (BatchNorm statistics
-    too), updated after each optimizer step; None when ``decay`` is 0."""
+    too), updated after each optimizer step with the warm-up of ``ema_decay_at``; None when
+    ``decay`` is 0."""
     if decay <= 0:
         return None
-    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        weight = 1.0 - ema_decay_at(decay, int(updates))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # integer buffers (BatchNorm's batch counters), as torch's own EMA treats them
+            for average, value in zip(averaged, current, strict=True):
+                average.copy_(average * (1.0 - weight) + value * weight)
+
+    return AveragedModel(module, multi_avg_fn=update, use_buffers=True)
 
 
 def seeded_student(spec: StudentSpec, seed: int) -> Student:

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -18,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cdd_ray.config import Config, config_to_dict, method_label
-from cdd_ray.data.domains import HOLDOUT, assign_domains, domain_report, holdout_mask
-from cdd_ray.data.ray_data import embeddings, holdout_dataset, read_split, with_domains
-from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
+from cdd_ray.data.domains import HOLDOUT, PartitionError, assign_domains, domain_report, holdout_mask
+from cdd_ray.data.ray_data import embeddings, read_split
+from cdd_ray.data.store import SAMPLES_FILE, check_store, split_sample_ids, write_json
 from cdd_ray.evaluate.scoring import (
     METRICS_FILE,
     load_detector,
@@ -34,14 +36,17 @@ from cdd_ray.evaluate.scoring import (
     score_arrays,
     write_evaluation,
 )
-from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
-from cdd_ray.train.checkpoint import CheckpointError, load_global
+from cdd_ray.ray_session import RAY_LOGGERS, check_resources, cluster_has_gpus, ensure_ray, log_to_file
+from cdd_ray.train.checkpoint import CheckpointError, checkpoints_in, load_global
+from cdd_ray.train.engine import NonFiniteLossError
 from cdd_ray.train.errors import RunDirError, TrainingError
-from cdd_ray.train.worker import plan_stages, train_loop_per_worker
+from cdd_ray.train.session import run_in_process
+from cdd_ray.train.worker import plan_stages, run_loop, train_loop_per_worker
 
 PROGRESS_FILE = "progress.jsonl"
 DOMAINS_FILE = "domains.json"
 RUN_FILE = "run.json"
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 RUN_FORMAT_VERSION = 2
 FAULT_ENV = "CDD_RAY_TEST_FAULT"
 # Settings a resumed run must share with the run it continues (the rest, e.g. epochs, may change).
@@ -116,7 +121,7 @@ def check_run_dir(run_dir: Path, config: Config) -> None:
                 f"version writes {RUN_FORMAT_VERSION}: choose another `name` or move the directory away"
             )
         previous = recorded.get("config", {})
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
+    checkpoints = checkpoints_in(run_dir)
     if checkpoints:
         try:
             state = load_global(checkpoints[-1], mmap=True)  # header only
@@ -124,6 +129,13 @@ def check_run_dir(run_dir: Path, config: Config) -> None:
             raise RunDirError(f"cannot resume {run_dir}: {error}") from error
         previous = previous if previous is not None else state.get("config", {})
     differences = _differences(previous, wanted) if previous is not None else []
+    written_by_ray = (run_dir / RAY_TRAIN_SNAPSHOT).is_file()
+    if checkpoints and wanted["ray"]["num_workers"] > 0 and not written_by_ray:
+        # Ray Train resumes from its own snapshot file, which an in-process run does not write
+        differences.append(
+            "ray.num_workers: the checkpoints there were written in-process (ray.num_workers=0), "
+            "resume them with ray.num_workers=0"
+        )
     before = (previous or {}).get("train", {}).get("epochs")
     if (
         checkpoints
@@ -176,15 +188,18 @@ def _injected_flags(store: Path, sample_ids: list[str]) -> np.ndarray:
     return np.asarray([bool(flags.get(sid, False)) for sid in sample_ids])
 
 
-def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Path) -> dict:
+def partition_training_set(config: Config, store: Path) -> dict:
     """Assign every training sample a domain; returns the manifest written to domains.json.
-    Memory-bank methods have one domain (0)."""
+
+    ``random`` needs only the sample ids (read without decoding); ``cluster`` and ``outlier`` embed
+    every image with the teacher first. Memory-bank methods have one domain (0)."""
     num_domains = config.train.num_domains if config.method == "distillation" else 1
     if config.data.partition == "random" or num_domains == 1:
-        ids = [row["sample_id"] for row in dataset.select_columns(["sample_id"]).take_all()]
+        ids = split_sample_ids(store, "train", config.data.category)
         vectors = None
     else:
-        ids, vectors = embeddings(dataset, config.teacher)
+        decoded = read_split(store, "train", config.data.category, config.data.image_size).materialize()
+        ids, vectors = embeddings(decoded, config.teacher)
     held_out = holdout_mask(ids, config.data.holdout_fraction, config.train.seed)
     kept = np.flatnonzero(~held_out)
     kept_ids = [ids[i] for i in kept]
@@ -197,6 +212,7 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
         None if vectors is None else vectors[kept],
         config.data.outlier_domains,
     )
+    check_sizes(config, domains[kept], num_domains)
     order = np.argsort(np.asarray(ids, dtype=object).astype(str), kind="stable")
     return {
         "strategy": config.data.partition,
@@ -206,6 +222,36 @@ def partition_training_set(config: Config, dataset: ray.data.Dataset, store: Pat
         "holdout": sorted(ids[i] for i in np.flatnonzero(held_out)),
         "report": domain_report(domains[kept], _injected_flags(store, kept_ids), num_domains),
     }
+
+
+def check_sizes(config: Config, domains: np.ndarray, num_domains: int) -> None:
+    """Refuse, before any worker starts, a set too small for what the run will do with it.
+
+    BatchNorm needs two images per training batch, so every domain and every rank's shard of the
+    global student's data needs at least two; SoftPatch's outlier score needs more images than
+    its neighbours. Raises PartitionError naming the domain, its size and the setting to change."""
+    count, workers = len(domains), max(1, config.ray.num_workers)
+    if config.method == "softpatch" and count <= config.memory_bank.outlier_neighbors:
+        raise PartitionError(
+            f"{count} training images: SoftPatch's outlier score needs more than "
+            f"memory_bank.outlier_neighbors={config.memory_bank.outlier_neighbors}; lower it or add images"
+        )
+    if config.method != "distillation":
+        return
+    if count // workers < 2:
+        raise PartitionError(
+            f"{count} training images over ray.num_workers={config.ray.num_workers} leaves a worker fewer "
+            "than 2 images to train on (BatchNorm needs 2 per batch); lower ray.num_workers or add images"
+        )
+    for domain in range(num_domains):
+        size = int((domains == domain).sum())
+        if num_domains > 1 and size < 2:
+            raise PartitionError(
+                f"domain {domain} holds {size} training image{'s' if size != 1 else ''} "
+                f"(train.num_domains={num_domains}, {count} images, data.partition="
+                f"{config.data.partition}); a domain student needs at least 2 (BatchNorm): lower "
+                "train.num_domains or add images"
+            )
 
 
 def _follow(progress_path: Path, total: int, done: threading.Event, console: Console) -> None:
@@ -263,18 +309,47 @@ def train(
     mark("ray_ready")
     if dashboard:
         console.print(f"Ray dashboard: {dashboard}")
+    use_gpu = cluster_has_gpus(config.ray.use_gpu)
+    waiting = check_resources(config.ray.num_workers, config.ray.cpus_per_worker, use_gpu)
+    if waiting:
+        console.print(f"[yellow]{waiting}[/yellow]")
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(run_dir, config)
+    handler = log_to_file(run_dir)
+    try:
+        return _train(
+            config, console, mark, store, name, storage, run_dir, use_gpu, trace_dir, callbacks, fault
+        )
+    finally:
+        for logger_name in RAY_LOGGERS:
+            logging.getLogger(logger_name).removeHandler(handler)
+        handler.close()
 
-    train_set = read_split(store, "train", config.data.category, config.data.image_size).materialize()
-    manifest = partition_training_set(config, train_set, store)
+
+def _train(
+    config: Config,
+    console: Console,
+    mark: DriverTrace,
+    store: Path,
+    name: str,
+    storage: Path,
+    run_dir: Path,
+    use_gpu: bool,
+    trace_dir: str | None,
+    callbacks: list[UserCallback] | None,
+    fault: dict | None,
+) -> tuple[Path, Path, dict]:
+
+    manifest = partition_training_set(config, store)
     write_json(run_dir / DOMAINS_FILE, manifest)
-    datasets = {"train": with_domains(train_set, manifest["assignment"]).materialize()}
+    category, size, assignment = config.data.category, config.data.image_size, manifest["assignment"]
+    datasets = {"train": read_split(store, "train", category, size, assignment).materialize()}
     if manifest["holdout"]:
-        datasets["holdout"] = holdout_dataset(train_set, manifest["assignment"]).materialize()
+        datasets["holdout"] = read_split(
+            store, "train", category, size, assignment, holdout=True
+        ).materialize()
     mark("data_ready")
 
-    use_gpu = cluster_has_gpus(config.ray.use_gpu)
     if fault is None and os.environ.get(FAULT_ENV):
         fault = json.loads(os.environ[FAULT_ENV])
     loop_config = {
@@ -286,7 +361,54 @@ def train(
         "run_dir": str(run_dir),
     }
     progress_path = run_dir / PROGRESS_FILE
-    trainer = TorchTrainer(
+    callbacks = [ProgressFile(str(progress_path)), *(callbacks or [])]
+    started = time.time()
+    done = threading.Event()
+    follower = threading.Thread(
+        target=_follow, args=(progress_path, len(plan_stages(config)), done, console), daemon=True
+    )
+    follower.start()
+    try:
+        mark("fit_start")
+        if config.ray.num_workers == 0:
+            device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+            metrics, checkpoint = run_in_process(run_loop, loop_config, datasets, run_dir, device, callbacks)
+        else:
+            result = _torch_trainer(config, loop_config, datasets, storage, name, use_gpu, callbacks).fit()
+            metrics, checkpoint = dict(result.metrics or {}), result.checkpoint
+            checkpoint = None if checkpoint is None else Path(checkpoint.path)
+        mark("fit_end")
+    except (ray.train.TrainingFailedError, NonFiniteLossError) as error:
+        kept = [p.name for p in checkpoints_in(run_dir)]
+        resume = (
+            f"last good checkpoint kept: {kept[-1]}; the same command resumes from it."
+            if kept
+            else "no checkpoint was written, so the same command starts the run again."
+        )
+        raise TrainingError(
+            f"run {name} failed ({_failure_summary(error)}). Run directory {run_dir}; {resume}"
+        ) from error
+    finally:
+        done.set()
+        follower.join()
+    if checkpoint is None:
+        raise RuntimeError(f"run {name} produced no checkpoint (see {run_dir})")
+    if config.eval.score_test:
+        _record_checkpoint(config, run_dir, checkpoint, started)
+    mark("end")
+    return run_dir, checkpoint, metrics
+
+
+def _torch_trainer(
+    config: Config,
+    loop_config: dict,
+    datasets: dict,
+    storage: Path,
+    name: str,
+    use_gpu: bool,
+    callbacks: list[UserCallback],
+) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -300,40 +422,13 @@ def train(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[ProgressFile(str(progress_path)), *(callbacks or [])],
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # Every worker reads whole (small, per-category) datasets and keeps a shard chosen by sample
         # id (RankData): Ray's streaming split hands blocks to whichever worker asks first.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    started = time.time()
-    done = threading.Event()
-    follower = threading.Thread(
-        target=_follow, args=(progress_path, len(plan_stages(config)), done, console), daemon=True
-    )
-    follower.start()
-    try:
-        mark("fit_start")
-        result = trainer.fit()
-        mark("fit_end")
-    except ray.train.TrainingFailedError as error:
-        kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if (p / "global.pt").is_file())
-        raise TrainingError(
-            f"run {name} failed ({_failure_summary(error)}). Run directory {run_dir}; "
-            + (f"last good checkpoint kept: {kept[-1]}; " if kept else "no checkpoint was written; ")
-            + "the same command resumes from it."
-        ) from error
-    finally:
-        done.set()
-        follower.join()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {name} produced no checkpoint (see {run_dir})")
-    checkpoint_dir = Path(result.checkpoint.path)
-    if config.eval.score_test:
-        _record_checkpoint(config, run_dir, checkpoint_dir, started)
-    mark("end")
-    return run_dir, checkpoint_dir, dict(result.metrics or {})
 
 
 class DriverTrace:
@@ -387,7 +482,7 @@ def run_experiment(
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / "global.pt").is_file())
+    candidates = checkpoints_in(run_dir)
     if not candidates:
         raise FileNotFoundError(f"{run_dir}: no checkpoint with global.pt; is this a cdd-ray run directory?")
     return candidates[-1]

@@ -35,15 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import ray.train
-import ray.train.torch
+import ray
 import torch
 import torch.distributed as dist
 
 from cdd_ray.config import Config, config_from_dict, excluded_target_domains
-from cdd_ray.data.store import write_json
+from cdd_ray.data.store import split_sample_ids, write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
-from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, split_ids, write_evaluation
+from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, write_evaluation
 from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
@@ -61,6 +60,7 @@ from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches, stage_p
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
 from cdd_ray.train.fit import training_patch_features
 from cdd_ray.train.monitoring import RunGauges
+from cdd_ray.train.session import RayTrainSession
 
 TEST_COLUMNS = ("sample_id", "category", "label", "defect_type", "image", "mask")
 
@@ -266,14 +266,14 @@ def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float
 
 
 def score_test_shard(
-    detector: torch.nn.Module, config: Config, loop_config: dict, rank: int, trace: Tracer
+    detector: torch.nn.Module, config: Config, loop_config: dict, session, trace: Tracer
 ) -> dict:
     """Each rank scores its shard of the test set; rank 0 writes metrics.json and overlays and
     returns the scalar metrics (the other ranks return {})."""
     trace.mark("scoring")
-    world_size = ray.train.get_context().get_world_size()
+    rank = session.rank
     store = Path(config.data.path)
-    mine = split_ids(store, "test", config.data.category)[rank::world_size]
+    mine = split_sample_ids(store, "test", config.data.category)[rank :: session.world_size]
     results = {}
     if mine:
         test = read_split_arrays(store, "test", config.data.category, config.data.image_size, mine)
@@ -288,37 +288,41 @@ def score_test_shard(
     return {key: value for key, value in metrics.items() if isinstance(value, float | int)}
 
 
-def _report(metrics: dict, save: Callable[[str], None] | None, trace: Tracer) -> None:
+def _report(session, metrics: dict, save: Callable[[str], None] | None, trace: Tracer) -> None:
     """Report ``metrics``; with ``save(directory)`` also a checkpoint that every rank adds to."""
     trace.mark("report", int(metrics["step"]) - 1)
     if save is None:
-        ray.train.report(metrics)
+        session.report(metrics, None)
     else:
         with tempfile.TemporaryDirectory() as directory:
             save(directory)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            session.report(metrics, directory)
     trace.mark("reported", int(metrics["step"]) - 1)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """The TorchTrainer's function: the run's loop in a Ray Train worker."""
+    run_loop(loop_config, RayTrainSession())
+
+
+def run_loop(loop_config: dict, session) -> None:
+    """The run's loop in ``session`` (a Ray Train worker, or in-process: ``cdd_ray.train.session``)."""
     config = config_from_dict(loop_config["config"])
-    trace = Tracer(loop_config.get("trace_dir"), ray.train.get_context().get_world_rank())
+    trace = Tracer(loop_config.get("trace_dir"), session.rank)
     trace.mark("loop_start")
     if config.method == "distillation":
-        distillation_loop(config, loop_config, trace)
+        distillation_loop(config, loop_config, session, trace)
     else:
-        memory_bank_loop(config, loop_config, trace)
+        memory_bank_loop(config, loop_config, session, trace)
 
 
-def memory_bank_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
+def memory_bank_loop(config: Config, loop_config: dict, session, trace: Tracer) -> None:
     """PatchCore / SoftPatch: features extracted data-parallel, the bank built on rank 0."""
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world_size, device = session.rank, session.world_size, session.device
     record_workers(loop_config.get("run_dir"), rank, [], device)
     teacher = build_teacher(config.teacher).to(device)
     started = time.perf_counter()
-    shard = RankData.read(ray.train.get_dataset_shard("train"), device).select((rank, world_size))
+    shard = RankData.read(session.dataset("train"), device).select((rank, world_size))
     trace.mark("data_ready")
     trace.mark("step_start", 0)
     features = training_patch_features(teacher, shard.images.to(device)).cpu() if len(shard) else None
@@ -355,7 +359,7 @@ def memory_bank_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
     trace.mark("step_trained", 0)
     if config.eval.score_test:
         detector = PatchCoreDetector(teacher, bank, config.memory_bank, config.eval.sigma).to(device).eval()
-        metrics.update(score_test_shard(detector, config, loop_config, rank, trace))
+        metrics.update(score_test_shard(detector, config, loop_config, session, trace))
 
     def save(directory: str) -> None:
         if rank == 0:
@@ -364,13 +368,11 @@ def memory_bank_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
             )
             bank.save(Path(directory) / BANK_FILE)
 
-    _report(metrics, save, trace)
+    _report(session, metrics, save, trace)
 
 
-def distillation_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer) -> None:
+    rank, world_size, device = session.rank, session.world_size, session.device
     fault = Fault(loop_config.get("fault"), rank)
     gauges = RunGauges(loop_config.get("run_name", "cdd-ray"), rank)
     num_domains = config.train.num_domains
@@ -390,9 +392,8 @@ def distillation_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
     # 2. Resume from the last checkpoint of a run with the same name.
     done = 0
     selection: dict | None = None  # eval.select=proxy: the best aggregation epoch so far
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
+    with session.last_checkpoint() as directory:
+        if directory is not None:
             state = load_global(Path(directory))
             engine.global_student.load_state_dict(state["global_student"])
             engine.global_optimizer.load_state_dict(state["global_optimizer"])
@@ -405,15 +406,15 @@ def distillation_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
                 engine.domain_students[k].load_state_dict(students[k])
                 engine.domain_optimizers[k].load_state_dict(optimizers[k])
             done = state["steps_done"]
-    engine.global_student = ray.train.torch.prepare_model(engine.global_student)
+    engine.global_student = session.prepare_model(engine.global_student)
 
     # 3. Data: this rank's shard of the whole set, and the full data of each domain it owns.
-    everything = RankData.read(ray.train.get_dataset_shard("train"), device)
+    everything = RankData.read(session.dataset("train"), device)
     shard = everything.select(shard=(rank, world_size))
     domain_data = {k: everything.select(domain=k) for k in owned}
     del everything
     holdout = (
-        RankData.read(ray.train.get_dataset_shard("holdout"), device).select((rank, world_size))
+        RankData.read(session.dataset("holdout"), device).select((rank, world_size))
         if config.data.holdout_fraction
         else None
     )
@@ -499,12 +500,12 @@ def distillation_loop(config: Config, loop_config: dict, trace: Tracer) -> None:
                 metrics["selected_epoch"] = selection["epoch"]
             student = _evaluation_student(engine, spec, selection, device)
             detector = DistillationDetector(teacher, student, config.eval.sigma).eval()
-            metrics.update(score_test_shard(detector, config, loop_config, rank, trace))
+            metrics.update(score_test_shard(detector, config, loop_config, session, trace))
         checkpoint_now = (step + 1) % config.train.checkpoint_every == 0 or last
         save = None
         if checkpoint_now:
             save = _distillation_saver(engine, selection, rank, epoch + 1, step + 1, loop_config)
-        _report(metrics, save, trace)
+        _report(session, metrics, save, trace)
 
 
 def _evaluation_student(

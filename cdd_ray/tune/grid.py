@@ -12,6 +12,8 @@ A grid file::
     base_config: cdd_synthetic.yaml
     overrides: [train.epochs=8]
     source: {kind: synthetic, image_size: 128}     # or {kind: mvtec, root: /data/mvtec_ad}
+                                                   # or {kind: photos} (the photo benchmark);
+                                                   # defect_types: [stain] concentrates the noise
     categories: [weave, granite, bolts, pill]
     noise_ratios: [0.0, 0.1, 0.2]
     overlap: [false]
@@ -32,9 +34,11 @@ from ray import tune
 from rich.console import Console
 
 from cdd_ray.config import ConfigError, absolute_paths, load_config
+from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import STORE_FILE, write_atomic
 from cdd_ray.data.synthetic import SyntheticConfig
+from cdd_ray.evaluate.html_report import write_grid_summary
 from cdd_ray.evaluate.report import METRIC_KEYS
 from cdd_ray.ray_session import ensure_ray
 from cdd_ray.tune.spec import _read_yaml, resolve_base_config
@@ -81,7 +85,14 @@ def prepare_stores(spec: GridSpec, grid_dir: Path, console: Console) -> dict[tup
     source = dict(spec.source)
     kind = source.pop("kind")
     root = source.pop("root", None)
+    defect_types = source.pop("defect_types", ())
     synthetic = SyntheticConfig(**source) if kind == "synthetic" else None
+    if kind == "photos":  # the photo benchmark, written once as an MVTec tree, read like a user's data
+        root = grid_dir / "photos_tree"
+        if not root.exists():
+            console.print(f"writing the photo benchmark to {root}")
+            write_photo_benchmark(root, PhotoBenchmarkConfig(categories=tuple(spec.categories), **source))
+        kind = "mvtec"
     stores = {}
     for noise, overlap, seed in itertools.product(spec.noise_ratios, spec.overlap, spec.seeds):
         out = _store_dir(grid_dir, noise, overlap, seed)
@@ -95,7 +106,9 @@ def prepare_stores(spec: GridSpec, grid_dir: Path, console: Console) -> dict[tup
                 noise,
                 overlap,
                 seed,
+                resample=bool(defect_types),
                 synthetic=synthetic,
+                defect_types=defect_types,
             )
         stores[(noise, overlap, seed)] = out
     return stores
@@ -152,7 +165,9 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_grid(spec: GridSpec, resume: bool = False, console: Console | None = None) -> dict:
+def run_grid(
+    spec: GridSpec, resume: bool = False, console: Console | None = None, print_table: bool = True
+) -> dict:
     console = console or Console()
     ensure_ray()
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
@@ -172,8 +187,13 @@ def run_grid(spec: GridSpec, resume: bool = False, console: Console | None = Non
     write_atomic(grid_dir / "summary.parquet", summary.to_parquet(index=False))
     table = markdown_table(summary)
     write_atomic(grid_dir / "summary.md", table)
+    if "image_auroc" in frame:
+        write_grid_summary(
+            grid_dir / "summary.html", frame.dropna(subset=["image_auroc"]), f"grid {spec.name}"
+        )
     write_atomic(
         grid_dir / "grid.json", json.dumps({"cells": len(cells), "errors": len(results.errors)}) + "\n"
     )
-    console.print(table)
+    if print_table:
+        console.print(table)
     return {"grid_dir": grid_dir, "summary": summary, "summary_markdown": grid_dir / "summary.md"}

@@ -1,8 +1,13 @@
 """``cdd-ray sweep``: Ray Tune over the domain count, the loss weights and the gating temperature.
 
-Each trial is a whole cdd-ray run (see ``cdd_ray.tune.trial``). Trials reserve no CPU themselves
-(their TorchTrainer workers do; a trial that reserved one would deadlock two trials on 2 CPUs), and
-``max_concurrent_trials`` follows from the cluster's GPUs (or CPUs) and the workers per trial.
+Each trial is a whole cdd-ray run (see ``cdd_ray.tune.trial``). Trials reserve no CPU themselves:
+a run with Ray Train workers has its workers hold the CPUs (a trial that also reserved one would
+deadlock two trials on 2 CPUs), and a run in-process (``ray.num_workers=0``) trains in the trial's
+own process, whose reading of the store through Ray Data needs the CPUs left free (it would wait
+forever if the trials held them all). An in-process trial reserves its GPU when there is one, and
+Tune reuses trial processes from one trial to the next, so no process starts (and imports torch)
+per trial. ``max_concurrent_trials`` follows from the cluster's GPUs (or CPUs) and the CPUs each
+run asks for (``ray.num_workers`` x ``ray.cpus_per_worker``, at least one worker's worth).
 
 With Adam the overall scale of the loss barely matters, so lambda_cross and lambda_teacher act only
 through their ratio: sweep ``objective.lambda_teacher`` with ``lambda_cross`` fixed at 1.
@@ -27,12 +32,11 @@ from rich.table import Table
 
 from cdd_ray.config import Config, absolute_paths, config_to_dict, load_config
 from cdd_ray.data.store import write_atomic
-from cdd_ray.ray_session import cluster_has_gpus, ensure_ray
+from cdd_ray.ray_session import check_resources, cluster_has_gpus, ensure_ray, verbose
 from cdd_ray.tune.spec import LABEL_FREE_METRICS, SweepSpec
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, run_trial
 
-# A trial reserves memory but no CPU: its TorchTrainer workers hold the CPUs (see module docstring).
-TRIAL_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
+TRIAL_MEMORY = 512 * 1024**2  # a trial reserves memory but no CPU (see the module docstring)
 SAMPLER_FACTORIES = {
     "grid": tune.grid_search,
     "choice": tune.choice,
@@ -58,16 +62,24 @@ def concurrent_trials(workers: int, cpus_per_worker: float, use_gpu: bool) -> in
     return max(1, math.floor(resources.get("CPU", 1) / max(cpus_per_worker * max(1, workers), 1e-9)))
 
 
+def trial_resources(base: Config, use_gpu: bool) -> dict:
+    """What one trial reserves for itself (see the module docstring)."""
+    in_process_gpu = 1 if use_gpu and base.ray.num_workers == 0 else 0
+    return {"cpu": 0, "gpu": in_process_gpu, "memory": TRIAL_MEMORY}
+
+
 def trial_setup(base: Config, experiment_dir: Path, max_concurrent: int | None) -> tuple[object, int]:
-    """The trainable (runs under ``experiment_dir/runs``) and how many trials run at once."""
+    """The trainable (runs under ``experiment_dir/runs``, with its resources) and how many trials
+    run at once."""
     runs = str(experiment_dir / "runs")
     fail_once = os.environ.get(FAIL_ONCE_ENV)
+    use_gpu = cluster_has_gpus(base.ray.use_gpu)
+    check_resources(base.ray.num_workers, base.ray.cpus_per_worker, use_gpu)
     trainable = tune.with_parameters(
         run_trial, base=config_to_dict(base), storage_path=runs, fail_once=fail_once
     )
-    concurrency = max_concurrent or concurrent_trials(
-        base.ray.num_workers, base.ray.cpus_per_worker, cluster_has_gpus(base.ray.use_gpu)
-    )
+    trainable = tune.with_resources(trainable, trial_resources(base, use_gpu))
+    concurrency = max_concurrent or concurrent_trials(base.ray.num_workers, base.ray.cpus_per_worker, use_gpu)
     return trainable, concurrency
 
 
@@ -116,7 +128,6 @@ def fit_trials(
     """Run (or, with ``resume``, restore and finish) a Tune experiment of cdd-ray trials.
 
     Restoring keeps finished trials as they are and re-runs only unfinished or errored ones."""
-    trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
             raise FileNotFoundError(f"{experiment_dir}: no Tune experiment to resume")
@@ -126,9 +137,17 @@ def fit_trials(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                num_samples=samples, max_concurrent_trials=concurrency, scheduler=scheduler or FIFOScheduler()
+                num_samples=samples,
+                max_concurrent_trials=concurrency,
+                scheduler=scheduler or FIFOScheduler(),
+                reuse_actors=True,  # in-process trials keep their imports (torch, timm) from trial to trial
             ),
-            run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent)),
+            run_config=tune.RunConfig(
+                name=experiment_dir.name,
+                storage_path=str(experiment_dir.parent),
+                verbose=1 if verbose() else 0,  # quiet: cdd-ray prints the trials table at the end
+                log_to_file=True,  # each trial's output in its trial folder
+            ),
         )
     return tuner.fit()
 

@@ -31,10 +31,20 @@ class AggregationReports(TuneReportCallback):
 
     With ``train.schedule=sequential`` the DST epochs come first and carry no global-student metric
     (``loss_global``, ``proxy_loss``); Tune refuses a result without its scheduler's metric, and ASHA
-    would count those epochs as rungs. With ``alternate`` (and K = 1) every report is forwarded."""
+    would count those epochs as rungs. With ``alternate`` (and K = 1) every report is forwarded.
+    An in-process run (``ray.num_workers=0``) reports from the trial's own process, so its reports go
+    straight to ``tune.report``."""
+
+    def __init__(self, in_process: bool):
+        super().__init__()
+        self.in_process = in_process
 
     def after_report(self, run_context, metrics, checkpoint):
-        if "loss_global" in metrics[0]:
+        if "loss_global" not in metrics[0]:
+            return
+        if self.in_process:
+            tune.report(dict(metrics[0]))
+        else:
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -66,7 +76,8 @@ def run_trial(params: dict, base: dict, storage_path: str, fail_once: str | None
     name = tune.get_context().get_trial_name()
     run_settings = [f"name={name}", f"ray.storage_path={storage_path}"]
     config = with_overrides(config_from_dict(base), [*trial_overrides(params), *run_settings])
-    run_dir, _, final = train(config, Console(quiet=True), callbacks=[AggregationReports()])
+    reports = AggregationReports(in_process=config.ray.num_workers == 0)
+    run_dir, _, final = train(config, Console(quiet=True), callbacks=[reports])
     if config.eval.score_test:
         metrics = read_metrics(run_dir)
         final.update({key: metrics[key] for key in METRIC_KEYS if key in metrics})

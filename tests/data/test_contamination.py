@@ -109,3 +109,24 @@ def test_a_manifest_is_reused_only_for_the_same_defect_types(tmp_path):
     assert again["manifest_reused"]
     other = prepare("synthetic", None, out, ["weave"], noise_ratio=0.1, synthetic=SMALL)
     assert not other["manifest_reused"]
+
+
+def test_prepare_warns_when_a_test_set_keeps_no_anomaly_and_evaluation_says_what_it_cannot_compute(
+    tmp_path,
+):
+    from cdd_ray.evaluate.report import summarize
+
+    synthetic = SyntheticConfig(image_size=16, train_normal=10, test_normal=4, test_anomalous=2)
+    summary = prepare("synthetic", None, tmp_path / "s", ["pill"], noise_ratio=0.2, synthetic=synthetic)
+    assert summary["counts"]["pill/test/normal"] == 4 and "pill/test/anomalous" not in summary["counts"]
+    assert any("pill: the test set has no anomalous image" in w for w in summary["warnings"])
+    results = {
+        "category": np.array(["pill"] * 4),
+        "label": np.zeros(4, dtype=np.int64),
+        "score": np.arange(4.0),
+        "map": np.zeros((4, 8, 8)),
+        "mask": np.zeros((4, 8, 8), dtype=np.uint8),
+    }
+    metrics = summarize(results)
+    assert "image_auroc" not in metrics and metrics["per_category"]["pill"] == {}
+    assert "only normal images" in metrics["not_computed"][0]

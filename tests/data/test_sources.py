@@ -119,15 +119,89 @@ def test_image_modes_are_converted_to_8bit_rgb(tmp_path):
     assert np.array_equal(a, rgb(1))
 
 
-def test_masks_are_binarized_at_half(tmp_path):
+def stored_mask(store, sample_id: str) -> np.ndarray:
+    row = next(r for r in rows(store) if r["sample_id"] == sample_id)
+    return np.asarray(Image.open(io.BytesIO(row["mask"]))) > 0
+
+
+def palette_mask(values: np.ndarray) -> Image.Image:
+    image = Image.fromarray(values, mode="P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 12))
+    return image
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(lambda m: Image.fromarray(m * 255), id="0/255"),
+        pytest.param(lambda m: Image.fromarray(m), id="0/1"),
+        pytest.param(lambda m: Image.fromarray(m * 40), id="0/40"),
+        pytest.param(lambda m: Image.fromarray(m * np.uint8(3)), id="class id 3"),
+        pytest.param(lambda m: palette_mask(m * np.uint8(2)), id="palette index 2"),
+        pytest.param(lambda m: Image.fromarray(m.astype(np.uint16) * 1), id="16-bit 0/1"),
+        pytest.param(lambda m: Image.fromarray(np.stack([m, 0 * m, 0 * m], 2)), id="RGB 0/1 in red"),
+    ],
+)
+def test_masks_mark_a_defect_wherever_the_stored_value_is_non_zero(tmp_path, stored):
     root = mvtec_tree(tmp_path / "mvtec")
-    soft = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    soft[0, 0], soft[0, 1] = 127, 128
-    write_png(root / "widget" / "ground_truth" / "crack" / "000_mask.png", soft)
+    truth = square_mask() > 0
+    for defect in ("crack", "hole"):
+        for path in (root / "widget" / "ground_truth" / defect).iterdir():
+            stored(truth.astype(np.uint8)).save(path)
+    prepare("mvtec", root, tmp_path / "store")
+    assert np.array_equal(stored_mask(tmp_path / "store", "widget/test/crack/000"), truth)
+
+
+def test_an_anomalous_image_whose_mask_marks_nothing_is_refused_with_both_names(tmp_path):
+    root = mvtec_tree(tmp_path / "mvtec")
+    mask = root / "widget" / "ground_truth" / "hole" / "001_mask.png"
+    write_png(mask, np.zeros((SIZE, SIZE), dtype=np.uint8))
+    with pytest.raises(MaskMismatchError, match="001_mask.png.*hole/001.png.*marks no defect pixel"):
+        prepare("mvtec", root, tmp_path / "store")
+    assert not (tmp_path / "store" / SAMPLES_FILE).exists()
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
+    root = mvtec_tree(tmp_path / "mvtec")
+    upright = rgb(7)
+    upright[:4, :, :] = 255  # a bright band at the top, as a viewer shows the photo
+    sideways = Image.fromarray(np.rot90(upright, k=1))  # stored rotated, tagged to be turned back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image_path = root / "widget" / "test" / "crack" / "000.png"
+    sideways.save(image_path, exif=exif)
     prepare("mvtec", root, tmp_path / "store")
     row = next(r for r in rows(tmp_path / "store") if r["sample_id"] == "widget/test/crack/000")
-    mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
-    assert mask[0, 0] == 0 and mask[0, 1] == 255 and mask.sum() == 255
+    decoded = np.asarray(Image.open(io.BytesIO(row["image"])))
+    assert np.array_equal(decoded, upright)
+    assert np.array_equal(decode_image(image_path.read_bytes(), "x"), upright)
+
+
+def test_hidden_folders_are_never_data_and_a_visible_nested_folder_is_refused(tmp_path):
+    root = mvtec_tree(tmp_path / "mvtec")
+    write_png(root / "widget" / "test" / ".ipynb_checkpoints" / "000-checkpoint.png", rgb(1))
+    write_png(root / ".cache" / "train" / "good" / "x.png", rgb(2))
+    entries = read_source("mvtec", root)
+    assert {e.defect_type for e in entries} == {"good", "crack", "hole"}
+    assert {e.category for e in entries} == {"widget"}
+    write_png(root / "widget" / "train" / "good" / "more" / "000.png", rgb(3))
+    with pytest.raises(SourceError, match="good/more: a folder inside the image folder"):
+        read_source("mvtec", root)
+
+
+def test_sixteen_bit_images_scale_by_their_format_not_their_content(tmp_path):
+    dim = np.full((SIZE, SIZE), 1000, dtype=np.uint16)
+    bright = dim.copy()
+    bright[0, 0] = 65535
+    for name, values in (("dim", dim), ("bright", bright)):
+        Image.fromarray(values).save(tmp_path / f"{name}.png")
+    low = decode_image((tmp_path / "dim.png").read_bytes(), "dim")
+    high = decode_image((tmp_path / "bright.png").read_bytes(), "bright")
+    assert low[1, 1, 0] == high[1, 1, 0] == round(1000 / 65535 * 255)
+    assert high[0, 0, 0] == 255
+    Image.fromarray(dim.astype(np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(BadImageError, match="wide.tif: 32-bit integer pixels"):
+        decode_image((tmp_path / "wide.tif").read_bytes(), str(tmp_path / "wide.tif"))
 
 
 def test_store_version_is_checked(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from cdd_ray.evaluate.metrics import aupro, auroc, compute_metrics, f1_max
+from cdd_ray.evaluate.metrics import aupro, auroc, compute_metrics, f1_max, f1_max_threshold
 
 
 def reference_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
@@ -89,13 +89,16 @@ def test_auroc_and_f1_max():
     scores = rng.random(200) + labels * 0.5
     assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
     thresholds = np.unique(scores)
-    best = 0.0
+    best, best_threshold = 0.0, None
     for t in thresholds:
         predicted = scores >= t
         tp = (predicted & (labels == 1)).sum()
         precision, recall = tp / predicted.sum(), tp / (labels == 1).sum()
-        best = max(best, 0 if tp == 0 else 2 * precision * recall / (precision + recall))
+        f1 = 0 if tp == 0 else 2 * precision * recall / (precision + recall)
+        if f1 > best:
+            best, best_threshold = f1, t
     assert f1_max(scores, labels) == pytest.approx(best)
+    assert f1_max_threshold(scores, labels) == pytest.approx((best, best_threshold))
     with pytest.raises(ValueError, match="both normal"):
         auroc(scores, np.ones(200))
 
@@ -105,4 +108,12 @@ def test_compute_metrics_keys():
     labels = masks.reshape(len(masks), -1).max(1)
     labels[-1] = 0 if labels.all() else labels[-1]
     result = compute_metrics(maps.reshape(len(maps), -1).max(1), np.r_[1, 0, 1, 0], maps, masks)
-    assert set(result) == {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"}
+    assert set(result) == {
+        "image_auroc",
+        "image_f1_max",
+        "image_threshold",
+        "pixel_auroc",
+        "pixel_f1_max",
+        "pixel_threshold",
+        "aupro",
+    }

@@ -130,7 +130,8 @@ def test_k3_round_robin_then_same_name_resumes_at_the_next_epoch(ray_session, ti
     for index in range(2):
         paths.append(tmp_path / f"new{index}.png")
         Image.fromarray(np.full((40, 40, 3), 60 * (index + 1), dtype=np.uint8)).save(paths[-1])
-    rows = predict_images(resumed, paths, tmp_path / "predictions")
+    rows = predict_images(run_dir, resumed, paths, tmp_path / "predictions")
     assert [Path(r["image"]).name for r in rows] == ["new0.png", "new1.png"]
     assert all(np.isfinite(r["score"]) and Path(r["map"]).is_file() for r in rows)
-    assert json.loads((tmp_path / "predictions" / "scores.json").read_text()) == rows
+    assert json.loads((tmp_path / "predictions" / "predictions.json").read_text())["images"] == rows
+    assert all(isinstance(r["anomalous"], bool) and Path(r["mask"]).is_file() for r in rows)

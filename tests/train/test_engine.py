@@ -3,7 +3,15 @@ import torch
 
 from cdd_ray.models.distillation.losses import ObjectiveConfig
 from cdd_ray.models.distillation.student import student_spec
-from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, OptimConfig, batches, fit_in_process, lr_at
+from cdd_ray.train.engine import (
+    CDDEngine,
+    NonFiniteLossError,
+    OptimConfig,
+    batches,
+    ema_decay_at,
+    fit_in_process,
+    lr_at,
+)
 from tests.models.test_teacher import random_teacher
 
 
@@ -118,18 +126,20 @@ def test_gradient_clipping_bounds_the_gradient_norm():
 
 
 def test_ema_student_is_the_exponential_average_of_the_trained_weights():
-    decay = 0.5
-    engine = make_engine(1, optim=OptimConfig(ema_decay=decay))
+    engine = make_engine(1, optim=OptimConfig(ema_decay=0.99))
     assert engine.evaluation_student() is not engine.global_student
     images, domains = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     engine.global_step(images, domains)
     first = weights(engine.global_student)  # the first update copies the weights
     engine.global_step(images, domains)
     second = weights(engine.global_student)
+    decay = ema_decay_at(0.99, 1)  # warm-up: the second update still weighs the new weights heavily
+    assert decay == pytest.approx(2 / 11)
     for key, value in engine.evaluation_student().state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(value, decay * first[key] + (1 - decay) * second[key], atol=1e-6), key
     assert weights(make_engine(1).evaluation_student()).keys() == first.keys()
+    assert ema_decay_at(0.99, 10_000) == 0.99
 
 
 def test_selection_keeps_the_best_epoch_weights():

@@ -14,7 +14,8 @@ from cdd_ray.tune.sweep import run_sweep
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
 from tests.conftest import tiny_overrides
 
-TINY_TRIAL = {"ray.num_workers": 1, "ray.cpus_per_worker": 1, "data.holdout_fraction": 0.2}
+# in-process trials (no Train workers to start): the sweep and grid machinery is what is tested here
+TINY_TRIAL = {"ray.num_workers": 0, "ray.cpus_per_worker": 1, "data.holdout_fraction": 0.2}
 LABEL_FREE = {**TINY_TRIAL, "eval.score_test": "false"}
 
 
@@ -104,16 +105,22 @@ def test_grid_summary_and_table(ray_session, tmp_path):
             "categories": ["pill"],
             "noise_ratios": [0.0, 0.25],
             "seeds": [0],
-            "methods": {"rd": ["train.num_domains=1"]},
+            "methods": {
+                "rd": ["train.num_domains=1"],
+                "patchcore": ["method=patchcore"],
+                "softpatch": ["method=softpatch", "memory_bank.outlier_neighbors=3"],
+            },
             "storage_path": str(tmp_path / "grids"),
         },
     )
     outcome = run_grid(load_grid(spec_path))
     summary = outcome["summary"]
-    assert len(summary) == 2 and set(summary["noise"]) == {0.0, 0.25}
+    assert len(summary) == 6 and set(summary["noise"]) == {0.0, 0.25}
+    assert set(summary["method"]) == {"rd", "patchcore", "softpatch"}
     assert summary["image_auroc_count"].eq(1).all() and summary["image_auroc_mean"].between(0, 1).all()
     table = Path(outcome["summary_markdown"]).read_text()
     assert "| rd (clean reference) | 0 |" in table and "| rd | 0.25 |" in table
+    assert "| softpatch | 0.25 |" in table and "| patchcore | 0 |" in table
     stores = sorted(p.name for p in (tmp_path / "grids" / "tinygrid" / "stores").iterdir())
     assert stores == ["noise0-overlap0-seed0", "noise0.25-overlap0-seed0"]
     assert json.loads((tmp_path / "grids" / "tinygrid" / "grid.json").read_text())["errors"] == 0

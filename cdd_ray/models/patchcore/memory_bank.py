@@ -12,8 +12,9 @@ equations 6-7):
   ratio as a softmax); without reweighting the image score is s*;
 - the map is the patch scores upsampled bilinearly to the image and blurred (Gaussian, sigma 4).
 
-Search backends (``search``): ``torch`` (torch.cdist in chunks, any device) or ``faiss`` (exact
-IndexFlatL2 on CPU, from the optional faiss-cpu package). Both give the same neighbours up to ties.
+Search backends (``search``): ``torch`` (exact, by matrix products in chunks, on any device; it also
+exports to ONNX) or ``faiss`` (exact IndexFlatL2 on CPU, from the optional faiss-cpu package).
+Both give the same neighbours up to ties and float32 rounding.
 
 Example::
 
@@ -78,18 +79,25 @@ def nearest_neighbours(
     """Euclidean distances (Q, k) and indices (Q, k) of each query's k nearest rows of ``bank``."""
     if search not in SEARCH_BACKENDS:
         raise ValueError(f"search must be one of {SEARCH_BACKENDS}, got {search!r}")
-    k = min(k, len(bank))
+    k = min(k, bank.shape[0])
     if search == "faiss":
         return _faiss_search(bank, queries, k)
-    distances, indices = [], []
-    for start in range(0, len(queries), QUERY_CHUNK):
-        block = torch.cdist(
-            queries[start : start + QUERY_CHUNK], bank, compute_mode="donot_use_mm_for_euclid_dist"
-        )
-        values, index = torch.topk(block, k, dim=1, largest=False)
-        distances.append(values)
-        indices.append(index)
-    return torch.cat(distances), torch.cat(indices)
+    bank_norms = (bank * bank).sum(1)
+
+    def search_block(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # |q - b|^2 = |q|^2 + |b|^2 - 2 q.b: one matrix product (PatchCore's and anomalib's way),
+        # which also exports to ONNX, unlike torch.cdist
+        squared = (block * block).sum(1, keepdim=True) + bank_norms[None, :] - 2.0 * block @ bank.T
+        values, index = torch.topk(squared, k, dim=1, largest=False)
+        return values.clamp_min(0).sqrt(), index
+
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return search_block(queries)  # one block: a loop would be fixed to the example's size
+    # chunks bound the memory of the distance matrix
+    found = [
+        search_block(queries[start : start + QUERY_CHUNK]) for start in range(0, len(queries), QUERY_CHUNK)
+    ]
+    return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
 
 
 def _faiss_search(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +122,7 @@ def score_patches(
     search: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps (B, H, W) and image scores (B,) for patch features (B, D, h, w)."""
-    batch, _, height, width = features.shape
+    _, dim, height, width = features.shape
     if (height, width) != tuple(bank.patch_shape):
         raise ValueError(f"patch grid {(height, width)} differs from the bank's {tuple(bank.patch_shape)}")
     queries = to_patches(features)
@@ -122,14 +130,15 @@ def score_patches(
     patch_scores = distance[:, 0]
     if bank.weights is not None:
         patch_scores = patch_scores * bank.weights[index[:, 0]]
-    patch_scores = patch_scores.view(batch, height, width)
+    # shapes by -1, never by the batch size: a traced or exported graph takes any batch
+    patch_scores = patch_scores.view(-1, height, width)
     image_scores = patch_scores.flatten(1).amax(1)
     if reweight:
         image_scores = image_scores * _reweighting(
             bank,
-            queries.view(batch, height * width, -1),
+            queries.view(-1, height * width, dim),
             patch_scores,
-            index[:, 0].view(batch, -1),
+            index[:, 0].view(-1, height * width),
             num_neighbors,
             search,
         )
@@ -146,10 +155,9 @@ def _reweighting(
     search: str,
 ) -> torch.Tensor:
     """w of equation 7 for the most anomalous patch of each image: 1 - softmax(distances)[m*]."""
-    worst = patch_scores.flatten(1).argmax(1)
-    rows = torch.arange(len(worst), device=worst.device)
-    worst_features = queries[rows, worst]  # (B, D)
-    bank_nearest = nearest[rows, worst]  # (B,) index of m*
+    worst = patch_scores.flatten(1).argmax(1, keepdim=True)  # (B, 1)
+    worst_features = queries.gather(1, worst[:, :, None].expand(-1, 1, queries.shape[2]))[:, 0]  # (B, D)
+    bank_nearest = nearest.gather(1, worst)[:, 0]  # (B,) index of m*
     _, support = nearest_neighbours(bank.features, bank.features[bank_nearest], num_neighbors, search)
     # support[:, 0] is m* itself (distance 0 to itself), the rest its nearest bank neighbours
     distances = torch.linalg.vector_norm(bank.features[support] - worst_features[:, None, :], dim=2)

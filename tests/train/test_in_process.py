@@ -1,0 +1,84 @@
+"""In-process runs (ray.num_workers=0) and memory-bank methods through the same driver as Ray Train.
+
+The in-process runner must be the same run as a Ray Train one, not a second implementation: a
+one-worker TorchTrainer run and an in-process run of the same config end with the same weights, and
+a memory bank gathered from two workers equals the one built in one process.
+"""
+
+import json
+
+import pytest
+import torch
+
+from cdd_ray.config import load_config
+from cdd_ray.evaluate.predict import predict_images
+from cdd_ray.models.patchcore.memory_bank import MemoryBank
+from cdd_ray.train.checkpoint import BANK_FILE, checkpoints_in, load_global
+from cdd_ray.train.run import PROGRESS_FILE, RunDirError, evaluate, read_metrics, train
+from tests.conftest import tiny_overrides
+from tests.data.trees import rgb, write_png
+
+
+def config_for(store, storage, **extra):
+    return load_config(None, tiny_overrides(store, storage, **extra))
+
+
+def test_in_process_run_equals_a_one_worker_ray_train_run_and_resumes_in_process(
+    ray_session, tiny_store, tmp_path
+):
+    run = {"train.num_domains": 2, "train.schedule": "alternate", "train.epochs": 1, "optim.ema_decay": 0.5}
+    in_process = config_for(tiny_store, tmp_path / "runs", name="here", **run, **{"ray.num_workers": 0})
+    one_worker = config_for(
+        tiny_store, tmp_path / "runs", name="ray", **run, **{"ray.num_workers": 1, "ray.cpus_per_worker": 1}
+    )
+    here_dir, here_checkpoint, here_metrics = train(in_process)
+    _, ray_checkpoint, _ = train(one_worker)
+    here, there = load_global(here_checkpoint), load_global(ray_checkpoint)
+    for key in ("global_student", "evaluation_student", "global_ema"):
+        assert here[key].keys() == there[key].keys()
+        for name, tensor in here[key].items():
+            if torch.is_tensor(tensor):
+                assert torch.equal(tensor, there[key][name]), f"{key}.{name} differs"
+    # the workers' scoring and a later `cdd-ray evaluate` of the same checkpoint agree
+    written = read_metrics(here_dir)
+    assert written["checkpoint"] == str(here_checkpoint)
+    again = evaluate(in_process, here_dir, here_checkpoint)
+    assert again["image_auroc"] == pytest.approx(written["image_auroc"], abs=1e-9)
+    assert here_metrics["image_auroc"] == pytest.approx(written["image_auroc"], abs=1e-9)
+
+    # the same name continues in-process from the newest checkpoint; two checkpoints are kept
+    longer = config_for(
+        tiny_store, tmp_path / "runs", name="here", **{**run, "train.epochs": 3}, **{"ray.num_workers": 0}
+    )
+    _, last, _ = train(longer)
+    reports = [json.loads(line) for line in (here_dir / PROGRESS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert load_global(last)["epoch"] == 3 and len(checkpoints_in(here_dir)) == 2
+    with pytest.raises(RunDirError, match="written in-process"):
+        train(config_for(tiny_store, tmp_path / "runs", name="here", **{**run, "train.epochs": 4}))
+
+
+@pytest.mark.parametrize("method", ["patchcore", "softpatch"])
+def test_memory_bank_from_two_workers_equals_the_in_process_one_and_predict_reloads_it(
+    ray_session, tiny_store, tmp_path, method
+):
+    extra = {"method": method, "memory_bank.outlier_neighbors": 3}
+    two = config_for(tiny_store, tmp_path / "runs", name="two", **extra)
+    here = config_for(tiny_store, tmp_path / "runs", name="here", **extra, **{"ray.num_workers": 0})
+    two_dir, two_checkpoint, metrics = train(two)
+    _, here_checkpoint, _ = train(here)
+    gathered = MemoryBank.load(two_checkpoint / BANK_FILE)
+    local = MemoryBank.load(here_checkpoint / BANK_FILE)
+    assert torch.equal(gathered.features, local.features)
+    assert (gathered.weights is None) == (method == "patchcore")
+    if gathered.weights is not None:
+        assert torch.equal(gathered.weights, local.weights)
+    assert metrics["bank_coreset_size"] == len(gathered.features)
+    assert 0 <= read_metrics(two_dir)["image_auroc"] <= 1
+
+    paths = [
+        write_png(tmp_path / "cam_a" / "0001.png", rgb(1, 40)),
+        write_png(tmp_path / "new.png", rgb(2, 40)),
+    ]
+    rows = predict_images(two_dir, two_checkpoint, paths, tmp_path / "predictions")
+    assert len(rows) == 2 and all(row["score"] > 0 for row in rows)
