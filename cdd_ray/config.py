@@ -82,6 +82,7 @@ class EvalConfig:
     # which weights are scored: the last epoch's, or (label-free) the aggregation epoch with the
     # lowest held-out proxy loss (needs data.holdout_fraction > 0)
     select: str = "last"
+    report: bool = True  # report.html beside metrics.json (matplotlib figures, a few seconds)
 
 
 @dataclass
@@ -230,6 +231,13 @@ def validate(config: Config) -> Config:
         "cannot both be 0",
     )
     _check(config.objective.gating_temperature > 0, "objective.gating_temperature", "must be positive")
+    _check(0 <= config.objective.gate_quantile < 1, "objective.gate_quantile", "must lie in [0, 1) (0: off)")
+    _check(0 <= config.objective.teacher_trim < 1, "objective.teacher_trim", "must lie in [0, 1) (0: off)")
+    _check(
+        not (config.objective.gating and config.objective.gate_quantile > 0),
+        "objective.gate_quantile",
+        "and objective.gating=true are two gates of the teacher term: choose one",
+    )
     if not config.objective.outlier_domain_targets:
         _check(
             config.data.partition == "outlier",

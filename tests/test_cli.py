@@ -1,5 +1,7 @@
 import json
 
+import pandas as pd
+
 from cdd_ray.cli import main
 
 
@@ -36,13 +38,23 @@ def test_prepare_synthetic_from_the_command_line(tmp_path, capsys):
     assert info["counts"]["pill/train/anomalous"] == 6 and info["contamination"]["ratio"] == 0.1
 
 
-def test_demo_quick_writes_demo_json_and_reports(ray_session, tmp_path):
+def test_demo_quick_runs_a_grid_of_four_methods_with_reports_and_a_summary(ray_session, tmp_path):
+    """The demo is a `cdd-ray grid` (photo source, in-process trials): this also covers the grid's
+    stores, summaries and error count."""
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "demo.json").read_text())
     for method in ("rd", "cdd", "patchcore", "softpatch"):
         assert {"image_auroc_clean", "image_auroc_noisy", "aupro_clean", "aupro_noisy"} <= set(result[method])
         assert all(0 <= value <= 1 for value in result[method].values())
     grid = tmp_path / "demo"
-    assert (grid / "summary.html").is_file() and (grid / "summary.md").is_file()
+    assert json.loads((grid / "grid.json").read_text()) == {"cells": 8, "errors": 0}
+    stores = sorted(p.name for p in (grid / "stores").iterdir())
+    assert stores == ["noise0-overlap1-seed0", "noise0.2-overlap1-seed0"]
+    summary = pd.read_parquet(grid / "summary.parquet")
+    assert len(summary) == 8 and summary["image_auroc_count"].eq(1).all()
+    table = (grid / "summary.md").read_text()
+    assert table.splitlines()[4].startswith("| rd (clean reference) | 0 | True |")
+    assert "| softpatch | 0.2 | True |" in table and "| patchcore | 0 | True |" in table
+    assert (grid / "summary.html").read_text().count("data:image/png;base64") == 1
     reports = list((grid / "runs").glob("*/report.html"))
     assert len(reports) == 8  # 4 methods x clean and noisy

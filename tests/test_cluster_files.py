@@ -159,6 +159,9 @@ def test_each_written_command_exists_and_accepts_its_arguments(where, words, mon
     build_parser().parse_args(args)  # unknown subcommands or flags exit here (SystemExit)
     if args[0] in DRY_RUN_COMMANDS:
         monkeypatch.chdir(ROOT)
+        # these commands run on the cluster (a job sets RAY_ADDRESS there), not on a local Ray, so
+        # --dry-run does not hold them to this machine's CPUs and GPUs
+        monkeypatch.setenv("RAY_ADDRESS", "auto")
         extra = [] if "--dry-run" in args else ["--dry-run"]
         command = [args[0], *extra, *args[1:]] if args[0] == "submit" else [*args, *extra]
         assert main(command) == 0, f"{where}: {' '.join(words)} failed:\n{capsys.readouterr().out}"

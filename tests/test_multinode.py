@@ -119,7 +119,7 @@ class TwoNodeCluster:
                 os.killpg(node.pid, signal.SIGTERM)
         for node in self.nodes:
             try:
-                node.wait(timeout=60)
+                node.wait(timeout=10)  # a test cluster in a temporary folder: no long grace
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait(timeout=30)

@@ -100,9 +100,11 @@ def write_evaluation(run_dir: Path, config: Config, results: dict[str, np.ndarra
     def images_of(ids: list[str]) -> np.ndarray:
         return images_by_id(store, config.data.category, config.data.image_size, ids)
 
-    write_run_report(
-        Path(run_dir) / REPORT_FILE, results, metrics, Path(run_dir).name, config.eval.fpr_limit, images_of
-    )
+    if config.eval.report:
+        title = Path(run_dir).name
+        write_run_report(
+            Path(run_dir) / REPORT_FILE, results, metrics, title, config.eval.fpr_limit, images_of
+        )
     # a fresh folder swapped in whole: no overlay of an earlier evaluation stays beside the new ones
     overlays = Path(run_dir) / "overlays"
     staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=run_dir))

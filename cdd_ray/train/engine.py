@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
+    disagreement,
     global_student_loss,
     pseudo_normal_targets,
     rd_loss,
@@ -139,6 +140,7 @@ class CDDEngine:
         self.global_optimizer = make_optimizer(global_student, optim)
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
         self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
+        self.gate_thresholds: list[float] | None = None  # the relative gate's running quantiles
 
     @classmethod
     def create(
@@ -219,13 +221,38 @@ class CDDEngine:
         if self.uses_domains:
             students = all_domain_students if all_domain_students is not None else self.all_domain_students()
             targets = self.pseudo_normal(feats, domain_ids, students)
+        gate = self.relative_gate(targets, feats) if targets is not None else None
         self.global_student.train()
-        loss = global_student_loss(self.global_student(feats), feats, targets, self.objective)
+        loss = global_student_loss(
+            self.global_student(feats), feats, targets, self.objective, teacher_weights=gate
+        )
         _checked(loss, "aggregation (global student)")
         self._update(loss, self.global_student, self.global_optimizer, progress)
         if self.global_ema is not None:
             self.global_ema.update_parameters(unwrap(self.global_student))
         return float(loss.detach())
+
+    @torch.no_grad()
+    def relative_gate(self, targets: Features, feats: Features) -> list[torch.Tensor] | None:
+        """With ``objective.gate_quantile`` = q > 0: per level, weight 0 at the positions whose
+        disagreement 1 - cos(P, T) is above a running (1 - q)-quantile of it (an exponential
+        average, momentum 0.9, of each batch's quantile), 1 elsewhere. Each rank keeps its own
+        running quantiles; a resumed run starts them afresh."""
+        share = self.objective.gate_quantile
+        if share <= 0:
+            return None
+        levels = disagreement(targets, feats)
+        quantiles = [float(torch.quantile(d.flatten().float(), 1.0 - share)) for d in levels]
+        if self.gate_thresholds is None:
+            self.gate_thresholds = quantiles
+        else:
+            self.gate_thresholds = [
+                0.9 * old + 0.1 * new for old, new in zip(self.gate_thresholds, quantiles, strict=True)
+            ]
+        return [
+            (d <= limit).to(d.dtype).unsqueeze(1)
+            for d, limit in zip(levels, self.gate_thresholds, strict=True)
+        ]
 
     def evaluation_student(self) -> nn.Module:
         """What scoring, prediction and the proxy use: the EMA of the global student when enabled."""

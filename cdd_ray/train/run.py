@@ -372,7 +372,10 @@ def _train(
         mark("fit_start")
         if config.ray.num_workers == 0:
             device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-            metrics, checkpoint = run_in_process(run_loop, loop_config, datasets, run_dir, device, callbacks)
+            threads = max(1, int(config.ray.cpus_per_worker))
+            metrics, checkpoint = run_in_process(
+                run_loop, loop_config, datasets, run_dir, device, callbacks, threads
+            )
         else:
             result = _torch_trainer(config, loop_config, datasets, storage, name, use_gpu, callbacks).fit()
             metrics, checkpoint = dict(result.metrics or {}), result.checkpoint

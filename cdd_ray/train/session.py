@@ -124,10 +124,18 @@ def run_in_process(
     run_dir: Path,
     device: torch.device,
     callbacks: list,
+    threads: int,
 ) -> tuple[dict, Path | None]:
-    """Run ``loop(loop_config, session)`` here; returns the last report and the newest checkpoint
-    (the run's last one when the loop had nothing left to do)."""
+    """Run ``loop(loop_config, session)`` here with ``threads`` torch threads (what one Ray Train
+    worker of ``ray.cpus_per_worker`` CPUs gets, so that both runners compute the same numbers);
+    returns the last report and the newest checkpoint (the run's last one when the loop had
+    nothing left to do)."""
     session = InProcessSession(datasets, run_dir, device, callbacks)
-    loop(loop_config, session)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loop(loop_config, session)
+    finally:
+        torch.set_num_threads(before)
     kept = checkpoints_in(run_dir)
     return session.last_metrics, session.last_checkpoint_dir or (kept[-1] if kept else None)

@@ -14,10 +14,11 @@ from tests.conftest import tiny_overrides
 
 
 def read_trace(trace_dir: Path) -> list[dict]:
+    """Batches and digests (the timed events are for the fixed-cost benchmark)."""
     events = []
     for path in sorted(trace_dir.glob("rank*.jsonl")):
         events += [json.loads(line) for line in path.read_text().splitlines()]
-    return events
+    return [e for e in events if e["stage"] != "timing"]
 
 
 def check_domain_isolation(events: list[dict], assignment: dict[str, int]) -> None:
@@ -53,12 +54,14 @@ def train_traced(config, tmp_path: Path, label: str):
     return run_dir, checkpoint, metrics, read_trace(trace)
 
 
-def check_run(config, run_dir: Path, checkpoint: Path, metrics: dict, events: list[dict]) -> None:
+def check_run(
+    config, run_dir: Path, checkpoint: Path, metrics: dict, events: list[dict], world_size: int = 2
+) -> None:
     num_domains = config.train.num_domains
     manifest = json.loads((run_dir / DOMAINS_FILE).read_text())
     assert sorted(set(manifest["assignment"].values())) == list(range(num_domains))
     check_domain_isolation(events, manifest["assignment"])
-    check_ranks_agree(events, world_size=2)
+    check_ranks_agree(events, world_size=world_size)
     # The ranks' global shards together cover the training set once per epoch (DDP may drop a tail).
     global_ids = [sid for e in events if e["stage"] == "global" for sid in e["sample_ids"]]
     assert len(global_ids) == len(set(global_ids)) <= len(manifest["assignment"])
@@ -77,11 +80,13 @@ def check_run(config, run_dir: Path, checkpoint: Path, metrics: dict, events: li
     assert torch.isfinite(next(iter(state["global_student"].values()))).all()
 
 
-def test_sequential_k2_domain_isolation_and_rank_agreement(ray_session, tiny_store, tmp_path):
-    overrides = {"train.num_domains": 2, "train.schedule": "sequential", "name": "seq"}
+def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_path):
+    """In-process (ray.num_workers=0, the same loop on one rank): the sequential plan and domain
+    isolation; rank agreement under DDP is the two-worker test's below."""
+    overrides = {"train.num_domains": 2, "train.schedule": "sequential", "name": "seq", "ray.num_workers": 0}
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
     run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq")
-    check_run(config, run_dir, checkpoint, metrics, events)
+    check_run(config, run_dir, checkpoint, metrics, events, world_size=1)
     stages = {e["step"]: e["stage"] for e in events if e["stage"] in ("dst", "global")}
     assert stages == {0: "dst", 1: "global"}, "sequential: all DST epochs first, then aggregation"
     state = load_global(checkpoint)

@@ -8,7 +8,16 @@ import torch
 
 from cdd_ray.config import load_config
 from cdd_ray.train.checkpoint import CHECKPOINT_FORMAT_VERSION, GLOBAL_FILE, load_domains, load_global
-from cdd_ray.train.run import PROGRESS_FILE, RUN_FILE, RunDirError, check_run_dir, latest_checkpoint, train
+from cdd_ray.train.run import (
+    PROGRESS_FILE,
+    RAY_TRAIN_SNAPSHOT,
+    RUN_FILE,
+    RunDirError,
+    _failure_summary,
+    check_run_dir,
+    latest_checkpoint,
+    train,
+)
 from tests.conftest import tiny_overrides
 from tests.train.test_distributed import read_trace
 
@@ -70,7 +79,9 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_matches_a
 def test_non_finite_loss_names_epoch_stage_and_domain_and_keeps_the_last_good_checkpoint(
     ray_session, tiny_store, tmp_path
 ):
-    overrides = {**FAULT_RUN, "ray.max_failures": 0, "train.teacher_cache": "false", "name": "nan"}
+    # in-process: the loss check, the message and the kept checkpoint are the run's, not Ray's
+    # (how Ray's worker failures are summarized is tested below without a run)
+    overrides = {**FAULT_RUN, "ray.num_workers": 0, "train.teacher_cache": "false", "name": "nan"}
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
     fault = {"action": "nan", "rank": 0, "stage": "dst", "step": 1, "batch": 0, "marker": str(tmp_path / "m")}
     with pytest.raises(RuntimeError, match=r"epoch 2: loss is nan in DST of domain 0") as caught:
@@ -103,6 +114,7 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
     (run_dir / RUN_FILE).write_text(json.dumps(recorded))
     old = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
     old.mkdir()
+    (run_dir / RAY_TRAIN_SNAPSHOT).write_text("{}")  # checkpoints that Ray Train wrote
     torch.save({"format_version": CHECKPOINT_FORMAT_VERSION + 1}, old / GLOBAL_FILE)
     version = CHECKPOINT_FORMAT_VERSION + 1
     with pytest.raises(RunDirError, match=rf"cannot resume {run_dir}.*checkpoint format {version}"):
@@ -118,6 +130,10 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
         {"format_version": CHECKPOINT_FORMAT_VERSION},
         seq_dir / "checkpoint_2026-01-01_00-00-00.000000" / GLOBAL_FILE,
     )
+    with pytest.raises(RunDirError, match=r"written in-process \(ray.num_workers=0\)"):
+        check_run_dir(seq_dir, run_config(tmp_path, tiny_store, **sequential))
+    check_run_dir(seq_dir, run_config(tmp_path, tiny_store, **sequential, **{"ray.num_workers": 0}))
+    (seq_dir / RAY_TRAIN_SNAPSHOT).write_text("{}")
     check_run_dir(seq_dir, run_config(tmp_path, tiny_store, **sequential))  # same epochs: resumes
     with pytest.raises(
         RunDirError, match=r"train\.epochs: 1 there, 3 here \(a `sequential` run cannot be extended"
@@ -136,3 +152,20 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
     assert not (run_dir / RUN_FILE).exists()
     check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
     assert json.loads((run_dir / RUN_FILE).read_text())["config"] == recorded["config"]
+
+
+def test_worker_failures_are_summarized_by_their_last_lines():
+    class WorkerGroupFailure(Exception):
+        worker_failures = {
+            1: RuntimeError(
+                "Traceback ...\n  File x\nNonFiniteLossError: epoch 2: loss is nan in DST of domain 1"
+            ),
+            0: RuntimeError("Traceback ...\nNonFiniteLossError: epoch 2: loss is nan in DST of domain 0"),
+        }
+
+    summary = _failure_summary(WorkerGroupFailure("2 workers failed"))
+    assert summary == (
+        "rank 0: NonFiniteLossError: epoch 2: loss is nan in DST of domain 0; "
+        "rank 1: NonFiniteLossError: epoch 2: loss is nan in DST of domain 1"
+    )
+    assert _failure_summary(ValueError("first\nlast line")) == "last line"

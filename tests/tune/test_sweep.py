@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cdd_ray.config import ConfigError
-from cdd_ray.tune.grid import load_grid, markdown_table, run_grid, summarize_grid
+from cdd_ray.tune.grid import load_grid, markdown_table, summarize_grid
 from cdd_ray.tune.spec import load_sweep
 from cdd_ray.tune.sweep import run_sweep
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
@@ -87,43 +87,6 @@ def test_sweep_runs_two_trials_at_once_and_resume_finishes_only_the_missing_one(
     assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 3
     assert len(pd.read_csv(sweep_dir / "trials.csv")) == 3
     assert resumed["best"]["proxy_loss"] == trials["proxy_loss"].min()
-
-
-def test_grid_summary_and_table(ray_session, tmp_path):
-    spec_path = write_yaml(
-        tmp_path / "grid.yaml",
-        {
-            "name": "tinygrid",
-            "overrides": tiny_overrides(Path("unused"), tmp_path / "unused", **TINY_TRIAL),
-            "source": {
-                "kind": "synthetic",
-                "image_size": 32,
-                "train_normal": 12,
-                "test_normal": 6,
-                "test_anomalous": 8,
-            },
-            "categories": ["pill"],
-            "noise_ratios": [0.0, 0.25],
-            "seeds": [0],
-            "methods": {
-                "rd": ["train.num_domains=1"],
-                "patchcore": ["method=patchcore"],
-                "softpatch": ["method=softpatch", "memory_bank.outlier_neighbors=3"],
-            },
-            "storage_path": str(tmp_path / "grids"),
-        },
-    )
-    outcome = run_grid(load_grid(spec_path))
-    summary = outcome["summary"]
-    assert len(summary) == 6 and set(summary["noise"]) == {0.0, 0.25}
-    assert set(summary["method"]) == {"rd", "patchcore", "softpatch"}
-    assert summary["image_auroc_count"].eq(1).all() and summary["image_auroc_mean"].between(0, 1).all()
-    table = Path(outcome["summary_markdown"]).read_text()
-    assert "| rd (clean reference) | 0 |" in table and "| rd | 0.25 |" in table
-    assert "| softpatch | 0.25 |" in table and "| patchcore | 0 |" in table
-    stores = sorted(p.name for p in (tmp_path / "grids" / "tinygrid" / "stores").iterdir())
-    assert stores == ["noise0-overlap0-seed0", "noise0.25-overlap0-seed0"]
-    assert json.loads((tmp_path / "grids" / "tinygrid" / "grid.json").read_text())["errors"] == 0
 
 
 def test_markdown_table_puts_the_clean_reference_first():

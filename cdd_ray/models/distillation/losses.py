@@ -41,6 +41,12 @@ class ObjectiveConfig:
     # with data.partition=outlier: false keeps the suspicious domains' students out of every image's
     # pseudo-normal targets (the clean domains then learn from each other only)
     outlier_domain_targets: bool = True
+    # relative gate: the teacher term is dropped at the share q of positions (per level) whose
+    # disagreement 1 - cos(P, T) exceeds a running (1 - q)-quantile of it; 0: off
+    gate_quantile: float = 0.0
+    # per-image trimming: the teacher term is dropped for this share of each batch's images, those
+    # whose mean disagreement between P and T is largest; 0: off
+    teacher_trim: float = 0.0
 
 
 def _level_loss(
@@ -131,15 +137,37 @@ def agreement_gate(
     return gates
 
 
+def disagreement(pseudo_normal: list[torch.Tensor], teacher: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per level, 1 - cos(P, T) over channels at each position: (B, H, W), no gradient."""
+    return [
+        1.0 - F.cosine_similarity(p.detach(), t.detach(), dim=1, eps=EPS)
+        for p, t in zip(pseudo_normal, teacher, strict=True)
+    ]
+
+
+def trim_mask(pseudo_normal: list[torch.Tensor], teacher: list[torch.Tensor], share: float) -> torch.Tensor:
+    """(B,) 1 for the images that keep the teacher term, 0 for the ``share`` of the batch whose
+    disagreement (summed over levels of the per-level mean) is largest."""
+    per_image = sum(d.flatten(1).mean(1) for d in disagreement(pseudo_normal, teacher))
+    keep = torch.ones_like(per_image)
+    dropped = int(share * len(per_image))
+    if dropped:
+        keep[torch.topk(per_image, dropped).indices] = 0.0
+    return keep
+
+
 def global_student_loss(
     global_out: list[torch.Tensor],
     teacher: list[torch.Tensor],
     pseudo_normal: list[torch.Tensor] | None,
     objective: ObjectiveConfig,
     reduction: str = "mean",
+    teacher_weights: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(lambda_cross * L(G, P) + lambda_teacher * L(G, T)) / (lambda_cross + lambda_teacher), the
-    teacher term optionally gated.
+    teacher term optionally gated per position (``teacher_weights``, (B, 1, H, W) per level, e.g.
+    the engine's relative gate; else the absolute agreement gate when ``objective.gating``) and
+    trimmed per image (``objective.teacher_trim``).
 
     Dividing by the weights' sum keeps the value on RD's scale whatever the weights, so losses of
     runs with other weights compare (ASHA ranks trials on them); with Adam it does not change
@@ -149,11 +177,16 @@ def global_student_loss(
     form = objective.loss_form
     if pseudo_normal is None:
         return rd_loss(global_out, teacher, form, None, reduction)
-    weights = None
-    if objective.gating:
+    weights = teacher_weights
+    if weights is None and objective.gating:
         weights = agreement_gate(pseudo_normal, teacher, objective.gating_temperature)
-    loss = objective.lambda_teacher * rd_loss(global_out, teacher, form, weights, reduction)
+    teacher_term = rd_loss(global_out, teacher, form, weights, "none")
+    if objective.teacher_trim > 0:
+        keep = trim_mask(pseudo_normal, teacher, objective.teacher_trim)
+        teacher_term = teacher_term * keep * (len(keep) / keep.sum().clamp_min(1.0))
+    loss = objective.lambda_teacher * teacher_term
     if objective.lambda_cross:
         detached = [p.detach() for p in pseudo_normal]
-        loss = loss + objective.lambda_cross * rd_loss(global_out, detached, form, None, reduction)
-    return loss / (objective.lambda_cross + objective.lambda_teacher)
+        loss = loss + objective.lambda_cross * rd_loss(global_out, detached, form, None, "none")
+    loss = loss / (objective.lambda_cross + objective.lambda_teacher)
+    return loss.mean() if reduction == "mean" else loss

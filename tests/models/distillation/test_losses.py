@@ -145,3 +145,34 @@ def test_k1_training_is_exactly_plain_rd():
         engine.global_student.state_dict().items(), student.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_teacher_trim_drops_the_teacher_term_of_the_most_disagreeing_images():
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 3, 2, 2)]
+    targets = [t.clone() for t in teacher]
+    targets[0][2] = -teacher[0][2]  # image 2: the other domains cannot reproduce the teacher there
+    student = [torch.randn(4, 3, 2, 2)]
+    trimmed = ObjectiveConfig(lambda_cross=1.0, lambda_teacher=1.0, teacher_trim=0.25)
+    per_image = global_student_loss(student, teacher, targets, trimmed, reduction="none")
+    cross = rd_loss(student, targets, reduction="none")
+    teach = rd_loss(student, teacher, reduction="none")
+    assert per_image[2] == pytest.approx(cross[2] / 2)  # only the cross term for the trimmed image
+    keep = torch.tensor([0, 1, 3])
+    assert torch.allclose(per_image[keep], (cross[keep] + teach[keep] * 4 / 3) / 2)
+
+
+def test_relative_gate_drops_the_teacher_term_where_disagreement_is_in_the_top_share():
+    from cdd_ray.train.engine import CDDEngine, OptimConfig
+    from tests.models.test_teacher import random_teacher
+
+    teacher = random_teacher()
+    spec = student_spec(teacher.channels, teacher.reductions)
+    engine = CDDEngine.create(teacher, spec, 2, ObjectiveConfig(gate_quantile=0.25), OptimConfig(), seed=0)
+    feats = [torch.randn(2, 4, 4, 4)]
+    targets = [f.clone() for f in feats]
+    targets[0][:, :, :2, :2] *= -1  # a quarter of the positions disagree
+    gate = engine.relative_gate(targets, feats)
+    assert gate[0].shape == (2, 1, 4, 4)
+    assert gate[0][:, :, :2, :2].sum() == 0 and gate[0].sum() == 2 * 12
+    assert engine.relative_gate(targets, feats)[0].sum() == 2 * 12  # the running quantile holds
