@@ -109,11 +109,11 @@ def test_learning_rate_warms_up_then_follows_a_half_cosine():
     assert lr_at(optim, 0.2) == pytest.approx(0.01)
     assert lr_at(optim, 0.6) == pytest.approx(0.001 + 0.5 * 0.009)  # halfway through the decay
     assert lr_at(optim, 1.0) == pytest.approx(0.001)
-    assert lr_at(OptimConfig(lr=0.01), 0.7) == 0.01
+    assert lr_at(OptimConfig(lr=0.01, lr_schedule="constant", warmup=0.0), 0.7) == 0.01
 
 
 def test_the_optimizer_steps_with_the_scheduled_learning_rate():
-    engine = make_engine(1, optim=OptimConfig(lr=0.01, lr_schedule="cosine", min_lr_ratio=0.0))
+    engine = make_engine(1, optim=OptimConfig(lr=0.01, lr_schedule="cosine", warmup=0.0, min_lr_ratio=0.0))
     engine.global_step(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), progress=0.5)
     assert engine.global_optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
 

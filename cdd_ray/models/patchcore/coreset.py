@@ -63,9 +63,13 @@ def greedy_coreset(
     generator = torch.Generator().manual_seed(seed)
     first = int(torch.randint(len(points), (1,), generator=generator))
     chosen = [first]
-    nearest = torch.cdist(points, points[first : first + 1]).squeeze(1)
+    # squared distances by |x|^2 + |p|^2 - 2 x.p: one matrix-vector product per step
+    norms = (points * points).sum(1)
+    nearest = (norms + norms[first] - 2.0 * points @ points[first]).clamp_min(0)
     for _ in range(size - 1):
         index = int(torch.argmax(nearest))
         chosen.append(index)
-        nearest = torch.minimum(nearest, torch.cdist(points, points[index : index + 1]).squeeze(1))
+        torch.minimum(
+            nearest, (norms + norms[index] - 2.0 * points @ points[index]).clamp_min(0), out=nearest
+        )
     return original[torch.as_tensor(chosen, device=original.device)]

@@ -127,7 +127,9 @@ def test_k1_training_is_exactly_plain_rd():
     teacher = random_teacher()
     spec = student_spec(teacher.channels, teacher.reductions)
     images = torch.rand(10, 3, 32, 32)
-    engine = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), OptimConfig(), seed=5)
+    # RD4AD's optimizer as it was: constant rate, no clipping, no EMA (the schedule is tested apart)
+    plain = OptimConfig(lr_schedule="constant", warmup=0.0, clip_grad_norm=0.0, ema_decay=0.0)
+    engine = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), plain, seed=5)
     fit_in_process(engine, images, torch.zeros(10, dtype=torch.long), epochs=2, batch_size=4, seed=9)
 
     # The baseline written out by hand: RD4AD's loop with the same seed, batches and optimizer.
