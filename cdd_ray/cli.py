@@ -53,6 +53,7 @@ USER_ERRORS = (
     ThresholdError,
     ExportError,
     FileNotFoundError,
+    FileExistsError,
 )
 
 
@@ -205,6 +206,20 @@ def _grid(args: argparse.Namespace, console: Console) -> None:
     console.print(f"summary: {outcome['summary_markdown']}")
 
 
+def _photos(args: argparse.Namespace, console: Console) -> None:
+    from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark
+
+    categories = tuple(args.category or CATEGORIES)
+    config = PhotoBenchmarkConfig(image_size=args.image_size, seed=args.seed, categories=categories)
+    counts = write_photo_benchmark(Path(args.out), config)
+    for category, per_folder in counts.items():
+        console.print(
+            f"{category}: " + ", ".join(f"{folder} {n}" for folder, n in sorted(per_folder.items()))
+        )
+    console.print(f"MVTec tree written to {Path(args.out).resolve()}")
+    console.print(f"next: cdd-ray prepare mvtec {args.out} --out STORE [--noise-ratio R --overlap]")
+
+
 def _demo(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.demo import run_demo
 
@@ -318,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--resume", action="store_true", help="finish an interrupted grid")
     grid.add_argument("--dry-run", action="store_true", help="check the grid and its configs, start nothing")
     grid.set_defaults(handler=_grid)
+
+    photos = commands.add_parser(
+        "photo-benchmark", help="write the photo benchmark (real photographs, drawn defects) as an MVTec tree"
+    )
+    photos.add_argument("--out", required=True, help="a new folder")
+    photos.add_argument("--category", action="append", help="tissue, lunar, retina, deepfield (repeatable)")
+    photos.add_argument("--image-size", type=int, default=128)
+    photos.add_argument("--seed", type=int, default=0)
+    photos.set_defaults(handler=_photos)
 
     demo = commands.add_parser(
         "demo", help="RD, CDD, PatchCore, SoftPatch on the photo benchmark, clean and 20%% contaminated"

@@ -49,7 +49,9 @@ def test_shipped_sweep_and_grid_files_parse():
     sweep = load_sweep(root / "domains_and_weights.yaml")
     assert not sweep.uses_labels and "train.num_domains" in sweep.search_space
     grid = load_grid(root / "fuad_grid.yaml")
-    assert set(grid.methods) == {"rd", "cdd"} and 0.0 in grid.noise_ratios
+    assert set(grid.methods) == {"rd", "cdd", "patchcore", "softpatch"} and 0.0 in grid.noise_ratios
+    photos = load_grid(root / "photo_grid.yaml")
+    assert photos.source == {"kind": "photos"} and set(photos.overlap) == {False, True}
 
 
 def test_sweep_runs_two_trials_at_once_and_resume_finishes_only_the_missing_one(
