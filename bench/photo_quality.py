@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from synthetic_quality import load  # bench/ is on sys.path when run as a script
+from quality_grid import mean_std  # bench/ is on sys.path when run as a script
+from synthetic_quality import load
 
 from cdd_ray.config import load_config, method_label
 from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark
@@ -157,11 +158,6 @@ def run(args) -> None:
             + f" ({result['seconds']} s)",
             flush=True,
         )
-
-
-def mean_std(values: list[float], signed: bool = False) -> str:
-    spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):{'+' if signed else ''}.3f} +- {spread:.3f}"
 
 
 def report(paths: list[str], references: list[str], metric: str = "image_auroc") -> None:

