@@ -119,6 +119,8 @@ def ensure_ray(num_cpus: int | None = None) -> str | None:
     # bars garble the rich progress and the logs.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    if not _verbose:  # Ray Data's note that its bars are off (our choice) is not news to a user
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Ray 2.60's default Parquet reader (DataSource V2: a ListFiles task, then read tasks aimed at
     # 200 blocks) takes ~5 s to read one small store file here where the V1 reader takes 0.3 s
     # (measured on the 2-core machine, BENCHMARKS.md "fixed cost"); a store is one Parquet file.
@@ -127,7 +129,11 @@ def ensure_ray(num_cpus: int | None = None) -> str | None:
         return _dashboard_url
     if os.environ.get("RAY_ADDRESS"):
         check_address(os.environ["RAY_ADDRESS"])
-        info = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=_verbose)
+        info = ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=_verbose,
+            logging_level=logging.INFO if _verbose else logging.WARNING,
+        )
     else:
         os.environ.setdefault(HEALTH_CHECK_ENV, "0.2")
         info = ray.init(

@@ -7,6 +7,7 @@ driver starts its own local Ray, as on a laptop, and gets Ctrl-C (SIGINT).
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cdd_ray.ray_session import LOG_FILE
 from cdd_ray.train.checkpoint import load_global
 from cdd_ray.train.run import FAULT_ENV, PROGRESS_FILE, latest_checkpoint
 from tests.conftest import tiny_overrides
@@ -75,6 +77,12 @@ def test_killed_train_driver_then_the_same_command_resumes(ray_session, tiny_sto
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert epochs_reported(run_dir) == [1, 2, 3], "the second command did not continue from epoch 1"
+    # Quiet by default: Ray's and the workers' lines go to the run's log file, not to the console.
+    console = (again.stdout + again.stderr).splitlines()
+    ray_pattern = re.compile(r"\bINFO\b|\(RayTrainWorker|\(pid=|TrainingReport\(")
+    ray_lines = [line for line in console if ray_pattern.search(line)]
+    assert not ray_lines and len(console) <= 24, "\n".join(console)
+    assert "INFO" in (run_dir / LOG_FILE).read_text()
     assert load_global(latest_checkpoint(run_dir))["epoch"] == 3
 
 
@@ -110,19 +118,31 @@ def test_sigint_to_a_sweep_then_resume_runs_only_the_unfinished_trials(ray_sessi
                 "search_space": {"train.num_domains": {"grid": [1, 2, 3]}},
                 "objective": {"metric": "proxy_loss", "mode": "min"},
                 "storage_path": str(tmp_path / "sweeps"),
+                "max_concurrent_trials": 1,
             }
         )
     )
     sweep_dir = tmp_path / "sweeps" / "interrupted"
+    # Trials run one at a time in grid order (K = 1, 2, 3); the K = 2 trial stalls in its first domain
+    # step (K = 1 has none), so the interrupt lands while exactly one trial has finished, however fast
+    # the machine. The marker keeps the resumed sweep from stalling again.
+    marker = tmp_path / "stalled"
+    stall = {"action": "stall", "seconds": 40, "stage": "dst", "step": 0, "batch": 0, "marker": str(marker)}
     env = {**os.environ, "CDD_RAY_DASHBOARD": "0", "RAY_TMPDIR": tempfile.mkdtemp(prefix="cddsig")}
+    env[FAULT_ENV] = json.dumps(stall)
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "first.log").open("w")
     with subprocess.Popen(cli("sweep", str(spec)), env=env, stdout=log, stderr=subprocess.STDOUT) as sweep:
-        wait_for(lambda: terminated_trials(sweep_dir / "trials"), 600, sweep, "a first finished trial")
+        wait_for(
+            lambda: marker.exists() and terminated_trials(sweep_dir / "trials"),
+            600,
+            sweep,
+            "a first finished trial and the stall of the second",
+        )
         sweep.send_signal(signal.SIGINT)
         sweep.wait(timeout=240)
     finished = terminated_trials(sweep_dir / "trials")
-    assert 1 <= len(finished) < 3, f"trials finished before the interrupt: {finished}"
+    assert len(finished) == 1, f"trials finished before the interrupt: {finished}"
     runs = {trial: sweep_dir / "runs" / f"run_trial_{trial}" / PROGRESS_FILE for trial in finished}
     before = {trial: path.read_text() for trial, path in runs.items()}
 

@@ -19,16 +19,8 @@ from cdd_ray.train.run import (
     train,
 )
 from tests.conftest import tiny_overrides
+from tests.train.conftest import TWO_WORKER_RUN
 from tests.train.test_distributed import read_trace
-
-# alternate: both stages every epoch, so (stage, step) names one epoch and checkpoints count epochs
-FAULT_RUN = {
-    "train.num_domains": 2,
-    "train.schedule": "alternate",
-    "train.epochs": 2,
-    "train.checkpoint_every": 1,
-    "ray.max_failures": 1,
-}
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:
@@ -44,13 +36,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_matches_an_uninterrupted_run(
-    ray_session, tiny_store, tmp_path
+    two_worker_run, tiny_store, tmp_path
 ):
-    storage = tmp_path / "runs"
-    reference = load_config(None, tiny_overrides(tiny_store, storage, name="uninterrupted", **FAULT_RUN))
-    _, ref_checkpoint, ref_metrics = train(reference)
-
-    faulted = load_config(None, tiny_overrides(tiny_store, storage, name="faulted", **FAULT_RUN))
+    _, _, ref_checkpoint, ref_metrics, _ = two_worker_run  # the same settings, never interrupted
+    faulted = load_config(
+        None, tiny_overrides(tiny_store, tmp_path / "runs", name="faulted", **TWO_WORKER_RUN)
+    )
     marker, trace = tmp_path / "fault-fired", tmp_path / "trace"
     trace.mkdir()
     # Rank 1 exits after the first aggregation batch of epoch 2 (step 1): mid-epoch, after checkpoint 1.
@@ -65,15 +56,15 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_matches_a
     assert checkpoint_epochs(run_dir) == [1, 2]
     reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in reports] == [1, 2]
-    # Fixed seed, CPU: the restarted run is the uninterrupted one, weight for weight.
-    assert_same_weights(
-        load_global(checkpoint)["global_student"], load_global(ref_checkpoint)["global_student"]
-    )
+    # Fixed seed, CPU: the restarted run is the uninterrupted one, weight for weight (EMA included).
+    for key in ("global_student", "global_ema", "evaluation_student"):
+        assert_same_weights(load_global(checkpoint)[key], load_global(ref_checkpoint)[key])
     students, _ = load_domains(checkpoint)
     ref_students, _ = load_domains(ref_checkpoint)
-    for k in (0, 1):
+    for k in (0, 1, 2):
         assert_same_weights(students[k], ref_students[k])
     assert metrics["loss_global"] == pytest.approx(ref_metrics["loss_global"], abs=1e-6)
+    assert metrics["image_auroc"] == pytest.approx(ref_metrics["image_auroc"], abs=1e-9)
 
 
 def test_non_finite_loss_names_epoch_stage_and_domain_and_keeps_the_last_good_checkpoint(
@@ -81,7 +72,7 @@ def test_non_finite_loss_names_epoch_stage_and_domain_and_keeps_the_last_good_ch
 ):
     # in-process: the loss check, the message and the kept checkpoint are the run's, not Ray's
     # (how Ray's worker failures are summarized is tested below without a run)
-    overrides = {**FAULT_RUN, "ray.num_workers": 0, "train.teacher_cache": "false", "name": "nan"}
+    overrides = {**TWO_WORKER_RUN, "ray.num_workers": 0, "train.teacher_cache": "false", "name": "nan"}
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
     fault = {"action": "nan", "rank": 0, "stage": "dst", "step": 1, "batch": 0, "marker": str(tmp_path / "m")}
     with pytest.raises(RuntimeError, match=r"epoch 2: loss is nan in DST of domain 0") as caught:

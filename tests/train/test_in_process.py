@@ -17,6 +17,7 @@ from cdd_ray.train.checkpoint import BANK_FILE, checkpoints_in, load_global
 from cdd_ray.train.run import PROGRESS_FILE, RunDirError, evaluate, read_metrics, train
 from tests.conftest import tiny_overrides
 from tests.data.trees import rgb, write_png
+from tests.train.test_distributed import read_trace
 
 
 def config_for(store, storage, **extra):
@@ -50,7 +51,11 @@ def test_in_process_run_equals_a_one_worker_ray_train_run_and_resumes_in_process
     longer = config_for(
         tiny_store, tmp_path / "runs", name="here", **{**run, "train.epochs": 3}, **{"ray.num_workers": 0}
     )
-    _, last, _ = train(longer)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    _, last, _ = train(longer, trace_dir=str(trace))
+    steps = {e["step"] for e in read_trace(trace)}
+    assert steps == {1, 2}, f"the resumed run re-ran steps {sorted(steps)}"
     reports = [json.loads(line) for line in (here_dir / PROGRESS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in reports] == [1, 2, 3]
     assert load_global(last)["epoch"] == 3 and len(checkpoints_in(here_dir)) == 2
