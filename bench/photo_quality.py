@@ -160,6 +160,30 @@ def run(args) -> None:
         )
 
 
+def stability_table(groups: dict, order: list, categories: list[str], metric: str) -> None:
+    """The stability goal of issue 13, per (setting, noise, method): the largest drop of one run below
+    its category's median over seeds (goal <= 0.05) and the largest per-category std (goal <= 0.02)."""
+    print(f"\nStability of {metric}: largest drop of a run below its category's median, largest std\n")
+    print("| setting | noise | method | seeds | largest drop (run) | largest std (category) |")
+    print("|---|---:|---|---:|---:|---:|")
+    for group in order:
+        drops, stds = [], []
+        for category in categories:
+            runs = [r for r in groups[group] if r["category"] == category]
+            if len(runs) < 2:
+                continue
+            median = float(np.median([r[metric] for r in runs]))
+            drops += [(median - r[metric], f"{category}, s{r['seed']}") for r in runs]
+            stds.append((float(np.std([r[metric] for r in runs], ddof=1)), category))
+        if drops:
+            drop, std = max(drops), max(stds)
+            seeds = len({r["seed"] for r in groups[group]})
+            print(
+                f"| {group[0]} | {group[1]:g} | {group[2]} | {seeds} | {drop[0]:.3f} ({drop[1]}) "
+                f"| {std[0]:.3f} ({std[1]}) |"
+            )
+
+
 def report(paths: list[str], references: list[str], metric: str = "image_auroc") -> None:
     rows = [
         json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()
@@ -195,6 +219,7 @@ def report(paths: list[str], references: list[str], metric: str = "image_auroc")
             xs = [r[metric] for r in groups[group] if r["category"] == category]
             values.append(f"{mean_std(xs)} ({min(xs):.3f})" if xs else "-")
         print(f"| {group[0]} | {group[1]:g} | {group[2]} | " + " | ".join(values) + " |")
+    stability_table(groups, order, categories, metric)
     by_cell = {(r["setting"], r["noise"], r["category"], r["seed"], r["method"]): r for r in rows}
     for reference in references:
         print(f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std\n")
