@@ -149,6 +149,10 @@ def fit_trials(
                 log_to_file=True,  # each trial's output in its trial folder
             ),
         )
+    if not verbose():
+        # Tune's newer console output prints an experiment box and a TensorBoard hint even at
+        # verbose=0; the older reporter at verbose=0 prints nothing.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return tuner.fit()
 
 
