@@ -41,6 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cdd_ray.data.images import encode_mask, encode_png
+from cdd_ray.data.synthetic import bent_line
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,7 @@ def irregular_blob(rng: np.random.Generator, size: int, radius: tuple[float, flo
 
 def _scratch(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
-    start = rng.uniform(0.15, 0.85, 2)
-    direction = rng.uniform(0, 2 * np.pi)
-    length = rng.uniform(0.2, 0.45)
-    t = np.linspace(0, 1, 6 * size)
-    bend = rng.uniform(-0.08, 0.08) * np.sin(np.pi * t)
-    px = start[0] + length * t * np.cos(direction) - bend * np.sin(direction)
-    py = start[1] + length * t * np.sin(direction) + bend * np.cos(direction)
+    px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6)
     inside = (px >= 0) & (px < 1) & (py >= 0) & (py < 1)
     mask = np.zeros((size, size), bool)
     mask[(py[inside] * size).astype(int), (px[inside] * size).astype(int)] = True

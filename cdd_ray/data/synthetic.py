@@ -169,15 +169,25 @@ def _blob(rng: np.random.Generator, size: int, scale: tuple[float, float]) -> np
     return (u / a) ** 2 + (v / b) ** 2 <= 1.0
 
 
-def _scratch(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    size = image.shape[0]
+def bent_line(
+    rng: np.random.Generator, size: int, length: tuple[float, float], bend: float, density: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points (x, y) in image-width units (float arrays of ``density * size``) along a slightly bent
+    line: a random start in [0.15, 0.85]^2, direction, length drawn from ``length`` and a sine bend
+    of amplitude up to ``bend``. Draws from ``rng`` in that order."""
     start = rng.uniform(0.15, 0.85, 2)
     direction = rng.uniform(0, 2 * np.pi)
-    length = rng.uniform(0.15, 0.4)
-    t = np.linspace(0, 1, 4 * size)
-    bend = rng.uniform(-0.05, 0.05) * np.sin(np.pi * t)
-    px = start[0] + length * t * np.cos(direction) - bend * np.sin(direction)
-    py = start[1] + length * t * np.sin(direction) + bend * np.cos(direction)
+    extent = rng.uniform(*length)
+    t = np.linspace(0, 1, density * size)
+    offset = rng.uniform(-bend, bend) * np.sin(np.pi * t)
+    px = start[0] + extent * t * np.cos(direction) - offset * np.sin(direction)
+    py = start[1] + extent * t * np.sin(direction) + offset * np.cos(direction)
+    return px, py
+
+
+def _scratch(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    size = image.shape[0]
+    px, py = bent_line(rng, size, (0.15, 0.4), 0.05, 4)
     mask = np.zeros((size, size), bool)
     cols = np.clip((px * size).astype(int), 0, size - 1)
     rows = np.clip((py * size).astype(int), 0, size - 1)
