@@ -184,10 +184,14 @@ def stability_table(groups: dict, order: list, categories: list[str], metric: st
             )
 
 
-def report(paths: list[str], references: list[str], metric: str = "image_auroc") -> None:
+def report(
+    paths: list[str], references: list[str], metric: str = "image_auroc", seeds: list[int] | None = None
+) -> None:
+    """Tables of the cells in ``paths`` (only ``seeds`` when given)."""
     rows = [
         json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()
     ]
+    rows = [row for row in rows if seeds is None or row["seed"] in seeds]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["noise"], row["method"]), []).append(row)
@@ -243,7 +247,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="names or name:key=value,...")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="also filters --report")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)
@@ -257,7 +261,7 @@ def main() -> None:
     parser.add_argument("--metric", default="image_auroc", help="--report: metric of the detail tables")
     args = parser.parse_args()
     if args.report:
-        report(args.out, args.reference, args.metric)
+        report(args.out, args.reference, args.metric, args.seeds)
     elif len(args.out) != 1:
         parser.error("--out takes one results file when running")
     else:

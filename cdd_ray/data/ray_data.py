@@ -70,10 +70,11 @@ class EmbedBatch:
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        from cdd_ray.data.tensors import to_float
         from cdd_ray.models.teacher import pooled_embedding
 
         with torch.no_grad():
-            features = self.teacher(torch.from_numpy(batch["image"]))
+            features = self.teacher(to_float(torch.from_numpy(batch["image"])))
         return {"sample_id": batch["sample_id"], "embedding": pooled_embedding(features).numpy()}
 
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from cdd_ray.config import Config, config_from_dict, excluded_target_domains
 from cdd_ray.data.store import split_sample_ids, write_json
+from cdd_ray.data.tensors import to_float
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, write_evaluation
 from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector
@@ -104,12 +105,17 @@ class RankData:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Images ``index`` as float32 (len(index), 3, S, S) in [0, 1] on the device; they are kept
+        as uint8 (a quarter of the memory) until here."""
+        return to_float(self.images[index].to(self.device))
+
     def features(self, engine: CDDEngine, index: torch.Tensor, use_cache: bool) -> list[torch.Tensor] | None:
         if not use_cache:
             return None
         if self.cache is None:
             chunks = [
-                engine.teacher_features(self.images[i : i + 64].to(self.device))
+                engine.teacher_features(self.batch(torch.arange(i, min(i + 64, len(self)))))
                 for i in range(0, len(self), 64)
             ]
             self.cache = [torch.cat([c[level] for c in chunks]) for level in range(len(chunks[0]))]
@@ -254,7 +260,7 @@ def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float
     """The label-free proxy of the evaluation student over all ranks' held-out shards."""
     losses = []
     for start in range(0, len(holdout), 64):
-        images = holdout.images[start : start + 64].to(holdout.device)
+        images = holdout.batch(torch.arange(start, min(start + 64, len(holdout))))
         losses += per_image_loss(
             engine.teacher, engine.evaluation_student(), images, config.objective.loss_form
         ).tolist()
@@ -325,7 +331,9 @@ def memory_bank_loop(config: Config, loop_config: dict, session, trace: Tracer) 
     shard = RankData.read(session.dataset("train"), device).select((rank, world_size))
     trace.mark("data_ready")
     trace.mark("step_start", 0)
-    features = training_patch_features(teacher, shard.images.to(device)).cpu() if len(shard) else None
+    features = (
+        training_patch_features(teacher, shard.batch(torch.arange(len(shard)))).cpu() if len(shard) else None
+    )
     gathered = _gather_to_rank0((shard.sample_ids, features))
     payload = None
     summary: dict = {}
@@ -440,7 +448,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
                         trace(
                             step=step, stage="dst", domain=k, sample_ids=[data.sample_ids[i] for i in index]
                         )
-                        images = fault("dst", step, batch, data.images[index].to(device))
+                        images = fault("dst", step, batch, data.batch(index))
                         progress = (epoch + batch / len(plan)) / epochs
                         feats = data.features(engine, index, use_cache)
                         values.append(engine.domain_step(k, images, feats, progress))
@@ -462,7 +470,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
                     )
                     values.append(
                         engine.global_step(
-                            fault("global", step, batch, shard.images[index].to(device)),
+                            fault("global", step, batch, shard.batch(index)),
                             shard.domains[index].to(device),
                             students,
                             shard.features(engine, index, use_cache),

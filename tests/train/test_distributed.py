@@ -103,6 +103,7 @@ def test_training_batches_carry_no_labels(ray_session, tiny_store):
     batch = read_split(tiny_store, "train", "weave", 32).take_batch(4)
     assert set(batch) == {"sample_id", "image"}
     assert batch["image"].shape == (4, 3, 32, 32)
+    assert batch["image"].dtype == np.uint8  # a quarter of float32; to_float at the step
 
 
 def test_k3_round_robin_on_two_workers_then_evaluate_and_predict(two_worker_run, tmp_path):
