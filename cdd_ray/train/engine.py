@@ -47,8 +47,9 @@ LR_SCHEDULES = ("constant", "cosine")
 @dataclass
 class OptimConfig:
     """Adam as RD4AD sets it (lr 0.005, betas 0.5 / 0.999). The schedule, clipping and EMA defaults
-    come from the recipe study on the photo benchmark (BENCHMARKS.md "A stable recipe"): together
-    they lifted RD from 0.846 to 0.880 image AUROC on clean data and its worst run from 0.50 to 0.73."""
+    come from the recipe study on the photo benchmark (BENCHMARKS.md "Stable training: the recipe
+    study"): together they lifted RD from 0.846 to 0.880 image AUROC on clean data and its worst run
+    from 0.50 to 0.73."""
 
     lr: float = 0.005
     beta1: float = 0.5
