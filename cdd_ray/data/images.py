@@ -125,7 +125,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def decode_images(blobs: list[bytes], names: list[str], size: int, as_uint8: bool = False) -> np.ndarray:
     """PNG bytes to a float32 (N, 3, size, size) array in [0, 1], or (``as_uint8``) the same pixels as
-    uint8 in [0, 255], a quarter of the memory; ``images_to_float`` turns those into exactly the
+    uint8 in [0, 255], a quarter of the memory; ``cdd_ray.data.tensors.to_float`` turns those into the
     float32 values of the first form."""
     out = np.empty((len(blobs), 3, size, size), dtype=np.uint8 if as_uint8 else np.float32)
     for index, (blob, name) in enumerate(zip(blobs, names, strict=True)):
