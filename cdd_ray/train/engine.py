@@ -58,9 +58,8 @@ class OptimConfig:
     warmup: float = 0.1  # share of a student's epochs with a linear warm-up from 0
     min_lr_ratio: float = 0.01
     clip_grad_norm: float = 1.0  # max global gradient norm per step; 0: no clipping
-    ema_decay: float = (
-        0.99  # per-step decay (with warm-up) of an EMA of the global student, scored instead; 0: off
-    )
+    # per-step decay (with warm-up) of an EMA of the global student, scored instead; 0: off
+    ema_decay: float = 0.99
 
 
 def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
