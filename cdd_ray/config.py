@@ -45,6 +45,9 @@ class DataConfig:
     partition: str = "random"
     outlier_domains: int = 1
     holdout_fraction: float = 0.0
+    # Rows a worker shuffles together as it streams its data (cdd_ray.train.rank_stream); a part up
+    # to this size is shuffled whole. Memory: this many decoded uint8 images per worker.
+    shuffle_window: int = 2048
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TrainConfig:
     batch_size: int = 16
     schedule: str = "sequential"  # measured better than alternate (BENCHMARKS.md, follow-up grid)
     teacher_cache: bool = True
+    teacher_cache_mb: float = 2048.0  # per worker; above it the features are computed per step
     checkpoint_every: int = 1
     seed: int = 0
 
@@ -193,6 +197,12 @@ def validate(config: Config) -> Config:
     _check(config.data.image_size >= 32, "data.image_size", "must be >= 32")
     _check(config.data.outlier_domains >= 1, "data.outlier_domains", "must be >= 1")
     _check(0 <= config.data.holdout_fraction < 0.5, "data.holdout_fraction", "must lie in [0, 0.5)")
+    _check(
+        config.data.shuffle_window >= 2 * config.train.batch_size,
+        "data.shuffle_window",
+        f"must be at least 2 x train.batch_size = {2 * config.train.batch_size} rows",
+    )
+    _check(config.train.teacher_cache_mb >= 0, "train.teacher_cache_mb", "must be >= 0 (MiB per worker)")
     _check(config.optim.lr > 0, "optim.lr", f"must be positive, got {config.optim.lr}")
     _check(config.optim.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"must be one of {LR_SCHEDULES}")
     _check(0 <= config.optim.warmup < 1, "optim.warmup", "must lie in [0, 1) (a share of the epochs)")

@@ -20,24 +20,24 @@ def decode_batch(
     image_size: int,
     evaluation: bool,
     assignment: dict[str, int] | None = None,
-    holdout: bool = False,
+    keep: frozenset[str] | None = None,
 ) -> dict:
     """Rows of one split (and category) with images as float32 (N, 3, S, S) in [0, 1]; the training
     split's images (``evaluation=False``) stay uint8 in [0, 255], 4x smaller in the object store and
     in the workers, and become float32 batch by batch (``cdd_ray.data.tensors.to_float``).
 
     With ``assignment`` (sample id -> domain, -1 for the held-out slice) rows get a ``domain``
-    column and only the assigned rows are kept (``holdout=True``: only the held-out ones), before
-    any image is decoded."""
-    keep = pc.equal(table["split"], split)
+    column. With ``keep`` only the rows whose sample id it holds are kept (one rank's rows,
+    ``cdd_ray.data.sharding``). Both apply before any image is decoded."""
+    wanted = pc.equal(table["split"], split)
     if category:
-        keep = pc.and_(keep, pc.equal(table["category"], category))
-    table = table.filter(keep)
+        wanted = pc.and_(wanted, pc.equal(table["category"], category))
+    table = table.filter(wanted)
+    if keep is not None:
+        table = table.filter(pa.array([sid in keep for sid in table["sample_id"].to_pylist()], pa.bool_()))
     domains = None
     if assignment is not None:
         domains = np.asarray([assignment[sid] for sid in table["sample_id"].to_pylist()], dtype=np.int64)
-        wanted = domains < 0 if holdout else domains >= 0
-        table, domains = table.filter(pa.array(wanted)), domains[wanted]
     ids = table["sample_id"].to_pylist()
     out = {
         "sample_id": np.asarray(ids, dtype=object),

@@ -7,13 +7,15 @@ run in an actor that holds the teacher.
 
 Datasets are materialized before training starts, so that no lazy map_batches waits for CPUs that
 the train workers hold (it would hang on a 2-CPU machine). Sample ids come straight from the
-Parquet file (no image decoded); the domain assignment is applied while decoding, so a training set
-is read and decoded by one Ray Data job.
+Parquet file (no image decoded); the domain assignment and a rank's rows (``keep``,
+``cdd_ray.data.sharding``) are applied before decoding, so each rank's dataset holds only its
+rows, decoded once, in the Parquet file's row order (``preserve_order``: a worker that streams it
+sees the same blocks in the same order on every run).
 
 Example::
 
-    ids = split_sample_ids(store, "train", category="weave")
-    train = read_split(store, "train", "weave", 128, assignment=assignment).materialize()
+    rows = rank_rows(assignment, num_domains=2, rank=0, world_size=2)
+    mine = read_split(store, "train", "weave", 128, assignment, keep=rows.ids()).materialize()
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ def read_split(
     category: str,
     image_size: int,
     assignment: dict[str, int] | None = None,
-    holdout: bool = False,
+    keep: frozenset[str] | None = None,
 ) -> ray.data.Dataset:
     """Decoded rows of one split; the train split leaves out label, defect type and injected.
-    ``assignment`` adds the domain column and keeps the assigned rows (``holdout``: the held-out
-    ones), see ``cdd_ray.data.batches.decode_batch``."""
+    ``assignment`` adds the domain column, ``keep`` keeps only those sample ids, see
+    ``cdd_ray.data.batches.decode_batch``. Blocks come out in file order."""
     check_store(store)
     evaluation = split != "train"
     columns = EVAL_READ_COLUMNS if evaluation else TRAIN_READ_COLUMNS
     dataset = ray.data.read_parquet(str(Path(store).resolve() / SAMPLES_FILE)).select_columns(columns)
+    dataset.context.execution_options.preserve_order = True
     return dataset.map_batches(
         decode_batch,
         batch_format="pyarrow",
@@ -54,7 +57,7 @@ def read_split(
             "image_size": image_size,
             "evaluation": evaluation,
             "assignment": assignment,
-            "holdout": holdout,
+            "keep": keep,
         },
     )
 

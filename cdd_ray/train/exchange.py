@@ -14,11 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cdd_ray.data.sharding import owner_of
 from cdd_ray.models.distillation.student import Student, StudentSpec
-
-
-def owner_of(domain: int, world_size: int) -> int:
-    return domain % world_size
 
 
 def owned_domains(num_domains: int, rank: int, world_size: int) -> list[int]:

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from cdd_ray.config import Config, config_to_dict, method_label
 from cdd_ray.data.domains import HOLDOUT, PartitionError, assign_domains, domain_report, holdout_mask
 from cdd_ray.data.ray_data import embeddings, read_split
+from cdd_ray.data.sharding import rank_dataset_name, rank_rows
 from cdd_ray.data.store import SAMPLES_FILE, check_store, split_sample_ids, write_json
 from cdd_ray.evaluate.scoring import (
     METRICS_FILE,
@@ -224,6 +225,20 @@ def partition_training_set(config: Config, store: Path) -> dict:
     }
 
 
+def rank_datasets(config: Config, store: Path, manifest: dict) -> dict[str, ray.data.Dataset]:
+    """One materialized dataset per rank (``train_<rank>``) with only the rows that rank reads
+    (``cdd_ray.data.sharding``), decoded once; the rows a shard and a domain share are stored once."""
+    world_size = max(1, config.ray.num_workers)
+    assignment = manifest["assignment"]
+    datasets = {}
+    for rank in range(world_size):
+        rows = rank_rows(assignment, manifest["num_domains"], rank, world_size)
+        datasets[rank_dataset_name(rank)] = read_split(
+            store, "train", config.data.category, config.data.image_size, assignment, keep=rows.ids()
+        ).materialize()
+    return datasets
+
+
 def check_sizes(config: Config, domains: np.ndarray, num_domains: int) -> None:
     """Refuse, before any worker starts, a set too small for what the run will do with it.
 
@@ -342,12 +357,7 @@ def _train(
 
     manifest = partition_training_set(config, store)
     write_json(run_dir / DOMAINS_FILE, manifest)
-    category, size, assignment = config.data.category, config.data.image_size, manifest["assignment"]
-    datasets = {"train": read_split(store, "train", category, size, assignment).materialize()}
-    if manifest["holdout"]:
-        datasets["holdout"] = read_split(
-            store, "train", category, size, assignment, holdout=True
-        ).materialize()
+    datasets = rank_datasets(config, store, manifest)
     mark("data_ready")
 
     if fault is None and os.environ.get(FAULT_ENV):
@@ -428,8 +438,8 @@ def _torch_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # Every worker reads whole (small, per-category) datasets and keeps a shard chosen by sample
-        # id (RankData): Ray's streaming split hands blocks to whichever worker asks first.
+        # Each rank reads its own dataset (train_<rank>, rows chosen by sample id): Ray's streaming
+        # split would hand blocks to whichever worker asks first, and a restart would differ.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
 

@@ -15,8 +15,10 @@ with the run's detector, rank 0 gathers the results and writes metrics.json and 
 the last report carries the metrics with the final checkpoint. The workers already hold the
 teacher and the trained model, so no evaluation actor starts.
 
-A rank's data stays in memory (per-category datasets are small), which also lets the frozen
-teacher's features be cached (``train.teacher_cache``).
+Each rank reads only its own rows (``cdd_ray.data.sharding``: its shard, its domains, its held-out
+ids), streamed from its dataset on every pass and shuffled in a window (``cdd_ray.train.rank_stream``);
+images stay uint8 until the step. The frozen teacher's features are cached when they fit
+``train.teacher_cache_mb`` per worker (the choice is logged and reported as ``teacher_cache_mb``).
 
 ``loop_config["trace_dir"]`` (tests only) makes each rank log the sample ids of every batch and a
 digest of the global student's weights after each epoch. ``loop_config["fault"]`` (tests only, see
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -40,8 +43,8 @@ import torch
 import torch.distributed as dist
 
 from cdd_ray.config import Config, config_from_dict, excluded_target_domains
+from cdd_ray.data.sharding import rank_dataset_name, rank_rows
 from cdd_ray.data.store import split_sample_ids, write_json
-from cdd_ray.data.tensors import to_float
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, write_evaluation
 from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector
@@ -57,69 +60,34 @@ from cdd_ray.train.checkpoint import (
     save_global,
     unwrap,
 )
-from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, batches, stage_plan
+from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, stage_plan
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
 from cdd_ray.train.fit import training_patch_features
 from cdd_ray.train.monitoring import RunGauges
+from cdd_ray.train.rank_stream import HOLDOUT, SHARD, RankStream, batch_count, cache_decision
 from cdd_ray.train.session import RayTrainSession
 
 TEST_COLUMNS = ("sample_id", "category", "label", "defect_type", "image", "mask")
+SOURCE_BATCH = 256  # rows per block read from a rank's dataset
 
 
-class RankData:
-    """Rows of a dataset in memory, sorted by sample id: images, domains and any other columns.
+def open_stream(config: Config, loop_config: dict, session) -> RankStream:
+    """This rank's dataset (``cdd_ray.data.sharding``), streamed block by block on every pass."""
+    manifest = loop_config["domain_manifest"]
+    rows = rank_rows(manifest["assignment"], manifest["num_domains"], session.rank, session.world_size)
+    iterator = session.dataset(rank_dataset_name(session.rank))
 
-    ``select(shard=(rank, world_size))`` keeps every world_size-th row of the sorted set: the shard
-    depends only on the data, never on which Ray Data block reached which worker first, so a
-    restarted or repeated run trains on exactly the same batches."""
+    def source():
+        return iterator.iter_batches(batch_size=SOURCE_BATCH, batch_format="numpy", prefetch_batches=1)
 
-    def __init__(self, columns: dict[str, np.ndarray], device: torch.device):
-        ids = [str(sid) for sid in columns.get("sample_id", [])]
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-        self.sample_ids = [ids[i] for i in order]
-        self.columns = {key: value[order] for key, value in columns.items()}
-        if order:
-            self.images = torch.from_numpy(self.columns["image"])
-            domains = self.columns.get("domain", np.zeros(len(order), dtype=np.int64))
-            self.domains = torch.from_numpy(np.asarray(domains, dtype=np.int64))
-        else:
-            self.images, self.domains = torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.int64)
-        self.device = device
-        self.cache: list[torch.Tensor] | None = None
+    return RankStream(source, rows, session.device, config.data.shuffle_window)
 
-    @classmethod
-    def read(cls, iterator: ray.data.DataIterator | None, device: torch.device) -> RankData:
-        rows = list(iterator.iter_batches(batch_size=256, batch_format="numpy")) if iterator else []
-        rows = [r for r in rows if len(r["sample_id"])]
-        return cls({key: np.concatenate([r[key] for r in rows]) for key in rows[0]} if rows else {}, device)
 
-    def select(self, shard: tuple[int, int] | None = None, domain: int | None = None) -> RankData:
-        """The rows of one domain and/or every world_size-th row (``shard=(rank, world_size)``)."""
-        keep = np.arange(len(self))
-        if domain is not None:
-            keep = keep[self.domains.numpy() == domain]
-        if shard is not None:
-            keep = keep[shard[0] :: shard[1]]
-        return RankData({key: value[keep] for key, value in self.columns.items()}, self.device)
-
-    def __len__(self) -> int:
-        return len(self.sample_ids)
-
-    def batch(self, index: torch.Tensor) -> torch.Tensor:
-        """Images ``index`` as float32 (len(index), 3, S, S) in [0, 1] on the device; they are kept
-        as uint8 (a quarter of the memory) until here."""
-        return to_float(self.images[index].to(self.device))
-
-    def features(self, engine: CDDEngine, index: torch.Tensor, use_cache: bool) -> list[torch.Tensor] | None:
-        if not use_cache:
-            return None
-        if self.cache is None:
-            chunks = [
-                engine.teacher_features(self.batch(torch.arange(i, min(i + 64, len(self)))))
-                for i in range(0, len(self), 64)
-            ]
-            self.cache = [torch.cat([c[level] for c in chunks]) for level in range(len(chunks[0]))]
-        return [level[index.to(self.device)] for level in self.cache]
+def feature_bytes(teacher: torch.nn.Module, image_size: int, device: torch.device) -> int:
+    """Bytes of the teacher's features of one image (all levels), measured on a blank image."""
+    with torch.no_grad():
+        levels = teacher(torch.zeros(1, 3, image_size, image_size, device=device))
+    return int(sum(level[0].numel() * level.element_size() for level in levels))
 
 
 def plan_stages(config: Config) -> list[tuple[int, tuple[str, ...]]]:
@@ -256,13 +224,12 @@ def make_engine(config: Config, teacher, spec, owned: list[int]) -> CDDEngine:
     )
 
 
-def holdout_proxy(engine: CDDEngine, holdout: RankData, config: Config) -> float:
+def holdout_proxy(engine: CDDEngine, stream: RankStream, config: Config) -> float:
     """The label-free proxy of the evaluation student over all ranks' held-out shards."""
     losses = []
-    for start in range(0, len(holdout), 64):
-        images = holdout.batch(torch.arange(start, min(start + 64, len(holdout))))
+    for rows in stream.ordered(HOLDOUT):
         losses += per_image_loss(
-            engine.teacher, engine.evaluation_student(), images, config.objective.loss_form
+            engine.teacher, engine.evaluation_student(), stream.images(rows), config.objective.loss_form
         ).tolist()
     if _distributed():
         gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]
@@ -324,17 +291,21 @@ def run_loop(loop_config: dict, session) -> None:
 
 def memory_bank_loop(config: Config, loop_config: dict, session, trace: Tracer) -> None:
     """PatchCore / SoftPatch: features extracted data-parallel, the bank built on rank 0."""
-    rank, world_size, device = session.rank, session.world_size, session.device
+    rank, device = session.rank, session.device
     record_workers(loop_config.get("run_dir"), rank, [], device)
     teacher = build_teacher(config.teacher).to(device)
     started = time.perf_counter()
-    shard = RankData.read(session.dataset("train"), device).select((rank, world_size))
+    stream = open_stream(config, loop_config, session)
     trace.mark("data_ready")
     trace.mark("step_start", 0)
-    features = (
-        training_patch_features(teacher, shard.batch(torch.arange(len(shard)))).cpu() if len(shard) else None
-    )
-    gathered = _gather_to_rank0((shard.sample_ids, features))
+    sample_ids: list[str] = []
+    parts = []
+    with torch.no_grad():
+        for rows in stream.ordered(SHARD):
+            sample_ids += rows.sample_ids
+            parts.append(training_patch_features(teacher, stream.images(rows)).cpu())
+    features = torch.cat(parts) if parts else None
+    gathered = _gather_to_rank0((sample_ids, features))
     payload = None
     summary: dict = {}
     if rank == 0:
@@ -353,14 +324,14 @@ def memory_bank_loop(config: Config, loop_config: dict, session, trace: Tracer) 
     features_, weights, patch_shape = _broadcast_from_rank0(payload)
     bank = MemoryBank(features_, weights, tuple(patch_shape))
     elapsed = time.perf_counter() - started
-    images = _all_reduce(len(shard))
+    images = _all_reduce(len(sample_ids))
     metrics = {
         "epoch": 1,
         "step": 1,
         "stage": "memory_bank",
         "epoch_time_s": elapsed,
         "images_per_second": images / max(elapsed, 1e-9),
-        "images_per_second_per_worker": len(shard) / max(elapsed, 1e-9),
+        "images_per_second_per_worker": len(sample_ids) / max(elapsed, 1e-9),
         **{f"bank_{key}": value for key, value in summary.items()},
     }
     RunGauges(loop_config.get("run_name", "cdd-ray"), rank).update(metrics)
@@ -416,18 +387,21 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
             done = state["steps_done"]
     engine.global_student = session.prepare_model(engine.global_student)
 
-    # 3. Data: this rank's shard of the whole set, and the full data of each domain it owns.
-    everything = RankData.read(session.dataset("train"), device)
-    shard = everything.select(shard=(rank, world_size))
-    domain_data = {k: everything.select(domain=k) for k in owned}
-    del everything
-    holdout = (
-        RankData.read(session.dataset("holdout"), device).select((rank, world_size))
-        if config.data.holdout_fraction
-        else None
+    # 3. Data: this rank's own rows, streamed on every pass; the teacher's features cached if they fit.
+    stream = open_stream(config, loop_config, session)
+    use_cache, cache_mb = cache_decision(
+        config.train.teacher_cache,
+        stream.training_rows(),
+        feature_bytes(teacher, config.data.image_size, device),
+        config.train.teacher_cache_mb,
+        rank,
     )
+    if use_cache:
+        stream.fill_cache(engine.teacher_features)
+    cache_mb = _all_reduce(cache_mb, dist.ReduceOp.MAX)
+    # The same answer on every rank (the proxy gathers over all of them), even one without held-out rows.
+    holdout = stream if config.data.holdout_fraction and loop_config["domain_manifest"]["holdout"] else None
     trace.mark("data_ready")
-    use_cache = config.train.teacher_cache
     replicas: dict = {}
     stages = plan_stages(config)
     epochs = config.train.epochs
@@ -442,17 +416,13 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
             if "dst" in stage_names:
                 losses = {}
                 for k in owned:
-                    data, values = domain_data[k], []
-                    plan = batches(torch.arange(len(data)), config.train.batch_size, generator)
-                    for batch, index in enumerate(plan):
-                        trace(
-                            step=step, stage="dst", domain=k, sample_ids=[data.sample_ids[i] for i in index]
-                        )
-                        images = fault("dst", step, batch, data.batch(index))
-                        progress = (epoch + batch / len(plan)) / epochs
-                        feats = data.features(engine, index, use_cache)
-                        values.append(engine.domain_step(k, images, feats, progress))
-                        images_seen += len(index)
+                    count, values = batch_count(stream.size(k), config.train.batch_size), []
+                    for batch, rows in enumerate(stream.shuffled(k, config.train.batch_size, generator)):
+                        trace(step=step, stage="dst", domain=k, sample_ids=rows.sample_ids)
+                        images = fault("dst", step, batch, stream.images(rows))
+                        progress = (epoch + batch / count) / epochs
+                        values.append(engine.domain_step(k, images, stream.features(rows), progress))
+                        images_seen += len(rows)
                     losses[f"loss_domain_{k}"] = float(np.mean(values)) if values else float("nan")
                 metrics.update(_gather(losses))
             if "global" in stage_names:
@@ -461,23 +431,22 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
                     students = exchange_domain_students(
                         engine.domain_students, spec, num_domains, replicas, device
                     )
-                plan = batches(torch.arange(len(shard)), config.train.batch_size, generator)
-                steps = int(_all_reduce(len(plan), dist.ReduceOp.MIN))  # DDP needs equal step counts
+                count = batch_count(stream.size(SHARD), config.train.batch_size)
+                steps = int(_all_reduce(count, dist.ReduceOp.MIN))  # DDP needs equal step counts
                 values = []
-                for batch, index in enumerate(plan[:steps]):
-                    trace(
-                        step=step, stage="global", domain=-1, sample_ids=[shard.sample_ids[i] for i in index]
-                    )
+                plan = stream.shuffled(SHARD, config.train.batch_size, generator)
+                for batch, rows in enumerate(itertools.islice(plan, steps)):
+                    trace(step=step, stage="global", domain=-1, sample_ids=rows.sample_ids)
                     values.append(
                         engine.global_step(
-                            fault("global", step, batch, shard.batch(index)),
-                            shard.domains[index].to(device),
+                            fault("global", step, batch, stream.images(rows)),
+                            rows.domains.to(device),
                             students,
-                            shard.features(engine, index, use_cache),
+                            stream.features(rows),
                             progress=(epoch + batch / max(steps, 1)) / epochs,
                         )
                     )
-                    images_seen += len(index)
+                    images_seen += len(rows)
                 average_buffers(unwrap(engine.global_student))
                 if engine.global_ema is not None:
                     average_buffers(engine.global_ema)
@@ -500,6 +469,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         metrics["images_per_second_per_worker"] = images_seen / elapsed
         metrics["images_per_second"] = _all_reduce(images_seen) / elapsed
         metrics["stage"] = "+".join(stage_names)
+        metrics["teacher_cache_mb"] = cache_mb
         gauges.update(metrics)
         trace.mark("step_trained", step)
         last = step + 1 == len(stages)

@@ -106,6 +106,33 @@ def test_training_batches_carry_no_labels(ray_session, tiny_store):
     assert batch["image"].dtype == np.uint8  # a quarter of float32; to_float at the step
 
 
+def test_each_rank_dataset_holds_only_that_ranks_rows_once_in_file_order(ray_session, tiny_store, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cdd_ray.data.sharding import rank_dataset_name, rank_rows
+    from cdd_ray.data.store import SAMPLES_FILE
+    from cdd_ray.train.run import partition_training_set, rank_datasets
+
+    overrides = {"train.num_domains": 3, "data.holdout_fraction": 0.2}
+    config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
+    manifest = partition_training_set(config, tiny_store)
+    datasets = rank_datasets(config, tiny_store, manifest)
+    assert set(datasets) == {rank_dataset_name(0), rank_dataset_name(1)}
+    table = pq.read_table(tiny_store / SAMPLES_FILE, columns=["sample_id", "category", "split"])
+    rows_in_file = table.to_pylist()
+    file_order = [r["sample_id"] for r in rows_in_file if (r["category"], r["split"]) == ("weave", "train")]
+    stored = 0
+    for rank in (0, 1):
+        rows = rank_rows(manifest["assignment"], 3, rank, 2)
+        batch = datasets[rank_dataset_name(rank)].take_batch(1000)
+        ids = [str(sid) for sid in batch["sample_id"]]
+        assert ids == [sid for sid in file_order if sid in rows.ids()]  # each once, in the file's order
+        assert batch["domain"].tolist() == [manifest["assignment"][sid] for sid in ids]
+        assert batch["image"].dtype == np.uint8
+        stored += len(ids)
+    assert stored < 2 * len(manifest["assignment"])  # at most two copies whatever K
+
+
 def test_k3_round_robin_on_two_workers_then_evaluate_and_predict(two_worker_run, tmp_path):
     config, run_dir, checkpoint, metrics, trace = two_worker_run
     events = read_trace(trace)

@@ -1,0 +1,153 @@
+"""How RD/CDD turn feature distances into scores: variants scored from the SAME trained students.
+
+Each cell (category, seed) trains one detector on the photo benchmark (``bench/photo_quality.py``'s
+stores and ``fit_detector``, shipped defaults, ``train.epochs=20``) and scores the test set with
+several anomaly-map variants, side by side, so differences come from the scoring alone:
+
+- ``levels``: which teacher levels enter the map (RD4AD sums all three; PatchCore's features use
+  levels 2 and 3 only);
+- ``score``: the image score, the map's maximum (RD4AD) or the mean of its top 1 % pixels;
+- ``sigma``: the Gaussian blur of the map (4, RD4AD's).
+
+Run: .venv/bin/python bench/rd_scoring.py --out bench_out/rd_scoring.jsonl --seeds 0 1 2
+     .venv/bin/python bench/rd_scoring.py --out bench_out/rd_scoring.jsonl --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_quality import METHODS, store_for  # noqa: E402
+from synthetic_quality import load  # noqa: E402
+
+from cdd_ray.config import load_config  # noqa: E402
+from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark  # noqa: E402
+from cdd_ray.evaluate.metrics import compute_metrics  # noqa: E402
+from cdd_ray.models.anomaly_map import gaussian_blur  # noqa: E402
+from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
+from cdd_ray.train.fit import fit_detector  # noqa: E402
+
+LEVELS = {"123": (0, 1, 2), "23": (1, 2), "12": (0, 1), "3": (2,)}
+SCORES = ("max", "top1pct")
+SIGMAS = (4.0, 2.0)
+
+
+def distances(detector, images: torch.Tensor) -> list[torch.Tensor]:
+    """Per level (1 - cosine) maps upsampled to the image, (N, H, W) each."""
+    out: list[list[torch.Tensor]] = [[], [], []]
+    with torch.no_grad():
+        detector.student.eval()
+        for start in range(0, len(images), 16):
+            batch = images[start : start + 16].float()
+            teacher = detector.teacher(batch)
+            student = detector.student(teacher)
+            for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
+                d = 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
+                out[level].append(F.interpolate(d, size=batch.shape[-2:], mode="bilinear").squeeze(1))
+    return [torch.cat(level) for level in out]
+
+
+def image_score(maps: torch.Tensor, kind: str) -> torch.Tensor:
+    flat = maps.flatten(1)
+    if kind == "max":
+        return flat.amax(1)
+    k = max(1, flat.shape[1] // 100)
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
+    tree = Path(args.tree)
+    if not tree.exists():
+        write_photo_benchmark(tree, PhotoBenchmarkConfig(categories=tuple(CATEGORIES)))
+    teacher_config = TeacherConfig()
+    teacher = build_teacher(teacher_config)
+    for seed, category, method in product(args.seeds, args.categories, args.methods):
+        key = f"{args.setting}|{args.noise}|{seed}|{category}|{method}"
+        if key in done:
+            continue
+        store = store_for(tree, Path(args.work), args.setting, args.noise, seed)
+        config = load_config(None, [*METHODS[method], "train.epochs=20", f"train.seed={seed}"])
+        train = load(store, category, "train", 128)
+        test = load(store, category, "test", 128)
+        started = time.perf_counter()
+        detector, _ = fit_detector(config, teacher, train["images"], train["ids"])
+        levels = distances(detector, test["images"])
+        row = {"key": key, "setting": args.setting, "noise": args.noise, "seed": seed, "category": category}
+        row |= {"method": method, "seconds": round(time.perf_counter() - started, 1)}
+        for (name, chosen), kind, sigma in product(LEVELS.items(), SCORES, SIGMAS):
+            maps = gaussian_blur(sum(levels[i] for i in chosen), sigma)
+            scores = image_score(maps, kind)
+            metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
+            variant = f"L{name}-{kind}-s{sigma:g}"
+            row[variant] = {m: round(float(metrics[m]), 4) for m in ("image_auroc", "pixel_auroc")}
+        with out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        best = max((v["image_auroc"], k) for k, v in row.items() if isinstance(v, dict))
+        base = row["L123-max-s4"]["image_auroc"]
+        print(f"{key}: default {base:.3f}, best {best[1]} {best[0]:.3f} ({row['seconds']} s)", flush=True)
+
+
+def report(args) -> None:
+    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    groups: dict = defaultdict(list)
+    for row in rows:
+        groups[(row["setting"], row["noise"], row["method"])].append(row)
+    for (setting, noise, method), items in groups.items():
+        variants = [k for k, v in items[0].items() if isinstance(v, dict)]
+        print(f"\n{setting}, noise {noise}, {method}: {len(items)} runs (category x seed); image AUROC")
+        print("| variant | mean +- std over seeds | worst run | paired vs L123-max-s4 | pixel AUROC |")
+        print("|---|---:|---:|---:|---:|")
+        seeds = sorted({r["seed"] for r in items})
+        for variant in variants:
+            per_seed = [np.mean([r[variant]["image_auroc"] for r in items if r["seed"] == s]) for s in seeds]
+            base = [
+                np.mean([r["L123-max-s4"]["image_auroc"] for r in items if r["seed"] == s]) for s in seeds
+            ]
+            diff = np.asarray(per_seed) - np.asarray(base)
+            worst = min(r[variant]["image_auroc"] for r in items)
+            pixel = np.mean([r[variant]["pixel_auroc"] for r in items])
+            spread = f"{np.std(per_seed, ddof=1):.3f}" if len(seeds) > 1 else "-"
+            paired = (
+                f"{diff.mean():+.3f} +- {np.std(diff, ddof=1):.3f}"
+                if len(seeds) > 1
+                else f"{diff.mean():+.3f}"
+            )
+            print(
+                f"| {variant} | {np.mean(per_seed):.3f} +- {spread} | {worst:.3f} | {paired} | {pixel:.3f} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench_out/rd_scoring.jsonl")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--methods", nargs="+", default=["rd"], choices=["rd", "cdd"])
+    parser.add_argument(
+        "--setting", default="clean", choices=["clean", "scattered", "overlap", "concentrated"]
+    )
+    parser.add_argument("--noise", type=float, default=0.0)
+    parser.add_argument("--tree", default="bench_out/photos_tree")
+    parser.add_argument("--work", default="bench_out/photo_stores")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    report(args) if args.report else run(args)
+
+
+if __name__ == "__main__":
+    main()

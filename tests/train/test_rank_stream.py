@@ -1,0 +1,124 @@
+"""A rank's rows streamed per pass: a window-shuffle that equals the in-memory shuffle for small
+parts, needs only a window of rows, and does not depend on the order blocks arrive in."""
+
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cdd_ray.data.sharding import rank_rows
+from cdd_ray.train.engine import batches
+from cdd_ray.train.rank_stream import SHARD, RankStream, batch_count, cache_decision
+
+SIZE = 4
+
+
+def make_rows(n: int, num_domains: int = 2) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    ids = [f"id{i:04d}" for i in range(n)]
+    given = {sid: i % num_domains for i, sid in enumerate(ids)}
+    images = {sid: np.full((3, SIZE, SIZE), i % 251, dtype=np.uint8) for i, sid in enumerate(ids)}
+    return given, images
+
+
+def block_source(given, images, block: int, seed: int | None = None, seen: list | None = None):
+    """Blocks of ``block`` rows in id order, or in a shuffled block order with ``seed``."""
+    ids = list(given)
+    chunks = [ids[i : i + block] for i in range(0, len(ids), block)]
+    if seed is not None:
+        random.Random(seed).shuffle(chunks)
+
+    def source():
+        for chunk in chunks:
+            if seen is not None:
+                seen.append(len(chunk))
+            yield {
+                "sample_id": np.asarray(chunk, dtype=object),
+                "image": np.stack([images[sid] for sid in chunk]),
+                "domain": np.asarray([given[sid] for sid in chunk], dtype=np.int64),
+            }
+
+    return source
+
+
+def run_pass(stream, part, batch_size=5, seed=7):
+    return [b.sample_ids for b in stream.shuffled(part, batch_size, torch.Generator().manual_seed(seed))]
+
+
+def test_a_part_within_the_window_is_shuffled_as_a_sorted_set_in_memory():
+    given, images = make_rows(37)
+    rows = rank_rows(given, 2, 0, 1)
+    stream = RankStream(block_source(given, images, 8, seed=3), rows, torch.device("cpu"), window=64)
+    expected_ids = sorted(rows.shard)
+    plan = batches(torch.arange(len(expected_ids)), 5, torch.Generator().manual_seed(7))
+    assert run_pass(stream, SHARD) == [[expected_ids[i] for i in index.tolist()] for index in plan]
+
+
+@pytest.mark.parametrize("n,window,batch_size", [(100, 16, 5), (101, 10, 5), (53, 12, 4), (9, 8, 4)])
+def test_a_windowed_pass_sees_every_row_once_in_the_planned_number_of_batches(n, window, batch_size):
+    given, images = make_rows(n)
+    rows = rank_rows(given, 2, 0, 1)
+    stream = RankStream(block_source(given, images, 7), rows, torch.device("cpu"), window=window)
+    for part in (SHARD, 0, 1):
+        plan = list(stream.shuffled(part, batch_size, torch.Generator().manual_seed(1)))
+        ids = [sid for b in plan for sid in b.sample_ids]
+        assert sorted(ids) == sorted(stream.parts[part])
+        assert len(plan) == batch_count(stream.size(part), batch_size)
+        assert min(len(b) for b in plan) >= 2
+        for b in plan:  # images and domains travel with their ids
+            assert b.images[:, 0, 0, 0].tolist() == [int(images[sid][0, 0, 0]) for sid in b.sample_ids]
+            assert b.domains.tolist() == [given[sid] for sid in b.sample_ids]
+
+
+def test_a_windowed_pass_holds_about_a_window_before_its_first_batch():
+    given, images = make_rows(400)
+    seen: list[int] = []
+    stream = RankStream(block_source(given, images, 10, seen=seen), rank_rows(given, 2, 0, 1), "cpu", 40)
+    first = next(stream.shuffled(SHARD, 4, torch.Generator().manual_seed(0)))
+    assert len(first) == 4 and sum(seen) <= 40 + 10
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_others():
+    given, images = make_rows(120)
+    rows = rank_rows(given, 2, 1, 2)
+    stream = RankStream(block_source(given, images, 9), rows, torch.device("cpu"), window=20)
+    assert run_pass(stream, SHARD, seed=3) == run_pass(stream, SHARD, seed=3)
+    assert run_pass(stream, SHARD, seed=3) != run_pass(stream, SHARD, seed=4)
+
+
+def test_ordered_gives_every_row_once_in_source_order():
+    given, images = make_rows(50)
+    stream = RankStream(block_source(given, images, 7, seed=1), rank_rows(given, 2, 0, 1), "cpu", 64)
+    chunks = list(stream.ordered(0, size=4))
+    assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 4, 1]
+    source_order = [str(s) for block in stream.source() for s in block["sample_id"] if given[str(s)] == 0]
+    assert [sid for c in chunks for sid in c.sample_ids] == source_order
+
+
+def test_the_cache_holds_each_rows_teacher_features():
+    given, images = make_rows(30)
+    stream = RankStream(block_source(given, images, 7, seed=2), rank_rows(given, 2, 0, 1), "cpu", 16)
+
+    def teacher(x):
+        return [x.mean(dim=1, keepdim=True), x * 2]
+
+    stream.fill_cache(teacher)
+    for batch in stream.shuffled(SHARD, 4, torch.Generator().manual_seed(0)):
+        cached = stream.features(batch)
+        expected = teacher(stream.images(batch))
+        assert all(torch.equal(c, e) for c, e in zip(cached, expected, strict=True))
+
+
+def test_the_cache_is_refused_above_its_budget_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="cdd_ray.train"):
+        assert cache_decision(True, 1000, 2**20, 999.0, rank=1) == (False, 0.0)
+        assert cache_decision(True, 1000, 2**20, 1000.0, rank=1) == (True, 1000.0)
+        assert cache_decision(False, 10, 10, 1000.0, rank=1) == (False, 0.0)
+    assert "1000 MiB exceeds train.teacher_cache_mb=999" in caplog.text
+    assert "cache on" in caplog.text and "train.teacher_cache=false" in caplog.text
+
+
+@pytest.mark.parametrize("rows", range(1, 40))
+def test_batch_count_counts_what_batches_cuts(rows):
+    assert batch_count(rows, 6) == len(batches(torch.arange(rows), 6, torch.Generator().manual_seed(0)))
