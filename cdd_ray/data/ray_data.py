@@ -9,7 +9,8 @@ Datasets are materialized before training starts, so that no lazy map_batches wa
 the train workers hold (it would hang on a 2-CPU machine). Sample ids come straight from the
 Parquet file (no image decoded); the domain assignment and a rank's rows (``keep``,
 ``cdd_ray.data.sharding``) are applied before decoding, so each rank's dataset holds only its
-rows, decoded once, in the Parquet file's row order (``preserve_order``: a worker that streams it
+rows, decoded once, materialized in the Parquet file's row order (``preserve_order`` while it is
+materialized; a materialized dataset is read back in its block order, so a worker that streams it
 sees the same blocks in the same order on every run).
 
 Example::

@@ -4,7 +4,7 @@ A ``RankStream`` reads the rank's own dataset (``cdd_ray.data.sharding``: its sh
 student's data, the domains it owns, its held-out ids) block by block on every pass, keeps the rows
 of the part a stage needs, and shuffles them in a window of ``window`` rows:
 
-- rows gather in a pool; whenever the pool reaches ``window`` rows it is put in sample-id order,
+- rows gather in a pool; whenever the pool exceeds ``window`` rows it is put in sample-id order,
   permuted with the step's seeded generator and cut into full batches, keeping at least
   ``batch_size`` rows (the rest) in the pool;
 - at the end of the pass the pool is put in sample-id order, permuted and cut as
@@ -14,7 +14,12 @@ A part no larger than the window is therefore shuffled whole, exactly as a set h
 sorted by id would be; a larger one is shuffled within windows (what Ray Data's local shuffle
 buffer does), so memory stays at one window plus one source block. Nothing depends on the order rows
 arrive in within a window, and the source yields blocks in file order, so a seed gives the same
-batches on every run and on a restart.
+batches on every run and on a restart (for a part larger than the window they also depend on the
+store's row order and on the window's size).
+
+Every pass reads the rank's whole dataset and keeps the part it needs (zero-copy from the object
+store): a domain owner's shard pass also reads its domain rows. Cheap on one node; at many ranks
+with large domains one dataset per part would read less (not built).
 
 The frozen teacher's features can be cached for the rank's training rows (``fill_cache``) when they
 fit a budget (``cache_decision``); otherwise they are computed per step.
@@ -118,7 +123,7 @@ class RankStream:
         window = _Window(min(self.window, self.size(part)) + 256)  # + a block; grows if one is larger
         for chunk in self._chunks(self.parts[part]):
             window.add(chunk)
-            if len(window) < self.window:
+            if len(window) <= self.window:  # a part of exactly `window` rows is shuffled whole
                 continue
             order = window.id_order()[torch.randperm(len(window), generator=generator)]
             # Keep at least one batch's worth back, so the end of the pass never yields a lone row.

@@ -396,7 +396,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         config.train.teacher_cache_mb,
         rank,
     )
-    if use_cache:
+    if use_cache and done < len(plan_stages(config)):  # nothing left to train: no cache to fill
         stream.fill_cache(engine.teacher_features)
     cache_mb = _all_reduce(cache_mb, dist.ReduceOp.MAX)
     # The same answer on every rank (the proxy gathers over all of them), even one without held-out rows.

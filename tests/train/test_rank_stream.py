@@ -46,10 +46,11 @@ def run_pass(stream, part, batch_size=5, seed=7):
     return [b.sample_ids for b in stream.shuffled(part, batch_size, torch.Generator().manual_seed(seed))]
 
 
-def test_a_part_within_the_window_is_shuffled_as_a_sorted_set_in_memory():
+@pytest.mark.parametrize("window", [64, 19])  # the shard has 19 rows: a part of exactly the window too
+def test_a_part_within_the_window_is_shuffled_as_a_sorted_set_in_memory(window):
     given, images = make_rows(37)
-    rows = rank_rows(given, 2, 0, 1)
-    stream = RankStream(block_source(given, images, 8, seed=3), rows, torch.device("cpu"), window=64)
+    rows = rank_rows(given, 2, 0, 2)
+    stream = RankStream(block_source(given, images, 8, seed=3), rows, torch.device("cpu"), window=window)
     expected_ids = sorted(rows.shard)
     plan = batches(torch.arange(len(expected_ids)), 5, torch.Generator().manual_seed(7))
     assert run_pass(stream, SHARD) == [[expected_ids[i] for i in index.tolist()] for index in plan]
