@@ -82,6 +82,8 @@ def test_images_of_mixed_sizes_and_modes_prepare_to_one_shape(tmp_path):
         ("optim.lr=-0.001", "optim.lr: must be positive"),
         ("train.num_domian=2", "unknown config key 'train.num_domian'"),
         ("train.num_domains=500", "larger than the training set"),
+        ("data.shuffle_window=7", "data.shuffle_window: must be at least 2 x train.batch_size = 8 rows"),
+        ("train.teacher_cache_mb=-1", "train.teacher_cache_mb: must be >= 0"),
     ],
 )
 def test_train_refuses_bad_settings_before_any_checkpoint(
