@@ -35,10 +35,10 @@ def decode_batch(
     table = table.filter(wanted)
     if keep is not None:
         table = table.filter(pa.array([sid in keep for sid in table["sample_id"].to_pylist()], pa.bool_()))
+    ids = table["sample_id"].to_pylist()
     domains = None
     if assignment is not None:
-        domains = np.asarray([assignment[sid] for sid in table["sample_id"].to_pylist()], dtype=np.int64)
-    ids = table["sample_id"].to_pylist()
+        domains = np.asarray([assignment[sid] for sid in ids], dtype=np.int64)
     out = {
         "sample_id": np.asarray(ids, dtype=object),
         "image": decode_images(table["image"].to_pylist(), ids, image_size, as_uint8=not evaluation),

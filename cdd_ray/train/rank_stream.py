@@ -109,15 +109,6 @@ class RankStream:
                 torch.as_tensor([self.index.get(sid, -1) for sid in kept], dtype=torch.int64),
             )
 
-    @staticmethod
-    def _take(rows: Batch, index: torch.Tensor) -> Batch:
-        return Batch(
-            [rows.sample_ids[i] for i in index.tolist()],
-            rows.images[index],
-            rows.domains[index],
-            rows.positions[index],
-        )
-
     def shuffled(self, part: object, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """The batches of one pass over ``part``, window-shuffled with ``generator``."""
         window = _Window(min(self.window, self.size(part)) + 256)  # + a block; grows if one is larger
@@ -138,23 +129,17 @@ class RankStream:
 
     def ordered(self, part: object, size: int = CHUNK) -> Iterator[Batch]:
         """The rows of ``part`` in source order, in batches of ``size`` (no shuffle)."""
-        pending: Batch | None = None
-        for chunk in self._chunks(self.parts[part]):
-            rows = chunk
-            if pending is not None:
-                rows = Batch(
-                    pending.sample_ids + chunk.sample_ids,
-                    torch.cat([pending.images, chunk.images]),
-                    torch.cat([pending.domains, chunk.domains]),
-                    torch.cat([pending.positions, chunk.positions]),
-                )
-            start = 0
-            while len(rows) - start >= size:
-                yield self._take(rows, torch.arange(start, start + size))
-                start += size
-            pending = self._take(rows, torch.arange(start, len(rows))) if start < len(rows) else None
-        if pending is not None:
-            yield pending
+        return self._ordered(self.parts[part], size)
+
+    def _ordered(self, members: frozenset[str], size: int) -> Iterator[Batch]:
+        window = _Window(size + 256)
+        for chunk in self._chunks(members):
+            window.add(chunk)
+            while len(window) >= size:
+                yield window.take(torch.arange(size))
+                window.keep(torch.arange(size, len(window)))
+        if len(window):
+            yield window.take(torch.arange(len(window)))
 
     def images(self, batch: Batch) -> torch.Tensor:
         """The batch's images as float32 (B, 3, S, S) in [0, 1] on the device (uint8 until here)."""
@@ -167,10 +152,9 @@ class RankStream:
     def fill_cache(self, teacher: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
         """Compute the teacher's features of every training row once (``CHUNK`` rows per forward,
         source order) and keep them on the device, indexed by row position."""
-        members = frozenset(self.index)
         cache: list[torch.Tensor] | None = None
         with torch.no_grad():
-            for chunk in self._ordered_members(members):
+            for chunk in self._ordered(frozenset(self.index), CHUNK):
                 features = teacher(self.images(chunk))
                 if cache is None:
                     rows = len(self.index)
@@ -178,14 +162,6 @@ class RankStream:
                 for store, level in zip(cache, features, strict=True):
                     store[chunk.positions.to(self.device)] = level
         self.cache = cache
-
-    def _ordered_members(self, members: frozenset[str]) -> Iterator[Batch]:
-        key = object()
-        self.parts[key] = members
-        try:
-            yield from self.ordered(key)
-        finally:
-            del self.parts[key]
 
     def features(self, batch: Batch) -> list[torch.Tensor] | None:
         """Cached teacher features of the batch, or None when the cache is off."""
