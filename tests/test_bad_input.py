@@ -84,6 +84,8 @@ def test_images_of_mixed_sizes_and_modes_prepare_to_one_shape(tmp_path):
         ("train.num_domains=500", "larger than the training set"),
         ("data.shuffle_window=7", "data.shuffle_window: must be at least 2 x train.batch_size = 8 rows"),
         ("train.teacher_cache_mb=-1", "train.teacher_cache_mb: must be >= 0"),
+        ("student.embedding_stride=3", "student.embedding_stride: must be one of (1, 2)"),
+        ("student.width_factor=0", "student.width_factor: must be >= 1"),
     ],
 )
 def test_train_refuses_bad_settings_before_any_checkpoint(

@@ -43,7 +43,9 @@ def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: to
     """The detector a checkpoint holds: teacher + evaluation student, or teacher + memory bank."""
     teacher = build_teacher(config.teacher)
     if config.method == "distillation":
-        student = Student(student_spec(teacher.channels, teacher.reductions, config.teacher.backbone))
+        student = Student(
+            student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
+        )
         student.load_state_dict(state.get("evaluation_student") or state["global_student"])
         detector: nn.Module = DistillationDetector(teacher, student, config.eval.sigma)
     else:

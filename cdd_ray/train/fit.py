@@ -78,7 +78,7 @@ def fit_distillation_detector(
     train_images = images[torch.as_tensor(kept)]
     train_ids = [sample_ids[i] for i in kept]
     domains = partition(config, teacher, train_images, train_ids)
-    spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone)
+    spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
     engine = CDDEngine.create(
         teacher,
         spec,

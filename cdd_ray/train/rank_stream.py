@@ -73,13 +73,17 @@ def batch_count(rows: int, batch_size: int) -> int:
 class RankStream:
     """The rows of ``rows`` (one rank), read from ``source`` on every pass; see the module doc."""
 
-    def __init__(self, source: Source, rows: RankRows, device: torch.device, window: int):
+    def __init__(
+        self, source: Source, rows: RankRows, device: torch.device, window: int, block_rows: int = 256
+    ):
+        """``block_rows``: rows per block of ``source`` (spare room the window buffer starts with)."""
         if window < 1:
             raise ValueError(f"data.shuffle_window must be at least 1 row, got {window}")
         self.source = source
         self.rows = rows
         self.device = device
         self.window = window
+        self.block_rows = block_rows
         training = frozenset(rows.shard).union(*rows.domains.values())
         self.index = {sid: i for i, sid in enumerate(sorted(training))}  # cache rows; held-out: -1
         self.parts: dict[object, frozenset[str]] = {
@@ -111,7 +115,7 @@ class RankStream:
 
     def shuffled(self, part: object, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """The batches of one pass over ``part``, window-shuffled with ``generator``."""
-        window = _Window(min(self.window, self.size(part)) + 256)  # + a block; grows if one is larger
+        window = _Window(min(self.window, self.size(part)) + self.block_rows)  # grows if a block is larger
         for chunk in self._chunks(self.parts[part]):
             window.add(chunk)
             if len(window) <= self.window:  # a part of exactly `window` rows is shuffled whole
@@ -132,7 +136,7 @@ class RankStream:
         return self._ordered(self.parts[part], size)
 
     def _ordered(self, members: frozenset[str], size: int) -> Iterator[Batch]:
-        window = _Window(size + 256)
+        window = _Window(size + self.block_rows)
         for chunk in self._chunks(members):
             window.add(chunk)
             while len(window) >= size:

@@ -57,7 +57,10 @@ RESUME_KEYS = (
     ("data", "image_size"),
     ("data", "partition"),
     ("data", "holdout_fraction"),
+    ("data", "shuffle_window"),  # with the seed, fixes the order of a part larger than the window
     ("teacher", "backbone"),
+    ("student", "embedding_stride"),
+    ("student", "width_factor"),
     ("train", "num_domains"),
     ("train", "schedule"),
     ("train", "seed"),
@@ -92,11 +95,19 @@ def _lookup(values: dict, path: tuple[str, ...]) -> object:
 
 
 def _differences(previous: dict, wanted: dict) -> list[str]:
-    return [
-        f"{'.'.join(path)}: {_lookup(previous, path)!r} there, {_lookup(wanted, path)!r} here"
-        for path in RESUME_KEYS
-        if _lookup(previous, path) != _lookup(wanted, path)
-    ]
+    """Resume keys that differ. A key that a run of an older version did not record is taken at
+    today's default: right for a setting added with the old behaviour as its default (the
+    ``student`` keys); runs written before ``data.shuffle_window`` existed did not shuffle in a
+    window at all, and resume with the default window's order."""
+    defaults = config_to_dict(Config())
+    differences = []
+    for path in RESUME_KEYS:
+        before = _lookup(previous, path)
+        if before is None:
+            before = _lookup(defaults, path)
+        if before != _lookup(wanted, path):
+            differences.append(f"{'.'.join(path)}: {before!r} there, {_lookup(wanted, path)!r} here")
+    return differences
 
 
 def check_run_dir(run_dir: Path, config: Config) -> None:

@@ -80,7 +80,7 @@ def open_stream(config: Config, loop_config: dict, session) -> RankStream:
     def source():
         return iterator.iter_batches(batch_size=SOURCE_BATCH, batch_format="numpy", prefetch_batches=1)
 
-    return RankStream(source, rows, session.device, config.data.shuffle_window)
+    return RankStream(source, rows, session.device, config.data.shuffle_window, SOURCE_BATCH)
 
 
 def feature_bytes(teacher: torch.nn.Module, image_size: int, device: torch.device) -> int:
@@ -358,7 +358,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
 
     # 1. Models: seed-determined, so every rank builds the same initial students.
     teacher = build_teacher(config.teacher).to(device)
-    spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone)
+    spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
     owned = owned_domains(num_domains, rank, world_size)
     record_workers(loop_config.get("run_dir"), rank, owned, device)
     engine = make_engine(config, teacher, spec, owned)

@@ -20,7 +20,7 @@ def checkpoint_of(run: Path) -> Path:
     return next(run.glob("checkpoint_*"))
 
 
-def run_config(store: Path, method: str):
+def run_config(store: Path, method: str, extra: tuple[str, ...] = ()):
     return load_config(
         None,
         [
@@ -30,21 +30,23 @@ def run_config(store: Path, method: str):
             "data.image_size=32",
             f"teacher.backbone={TINY_BACKBONE}",
             "teacher.pretrained=false",
+            *extra,
         ],
     )
 
 
-def write_run(tmp_path: Path, method: str) -> Path:
+def write_run(tmp_path: Path, method: str, extra: tuple[str, ...] = ()) -> Path:
+    """``extra``: more dotted overrides (e.g. ``student.*``) the checkpoint's config records."""
     store = tmp_path / "store"
     if not store.exists():
         prepare("synthetic", None, store, ["weave"], synthetic=SyntheticConfig(image_size=32, train_normal=8))
-    config = run_config(store, method)
+    config = run_config(store, method, extra)
     run = tmp_path / f"run-{method}"
     checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"
     checkpoint.mkdir(parents=True)
     teacher = random_teacher()
     if method == "distillation":
-        student = Student(student_spec(teacher.channels, teacher.reductions, TINY_BACKBONE))
+        student = Student(student_spec(teacher.channels, teacher.reductions, TINY_BACKBONE, config.student))
         save_global(checkpoint, student, None, 1, 1, config_to_dict(config))
     else:
         detector, _ = fit_memory_bank_detector(config, teacher, torch.rand(6, 3, 32, 32))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cdd_ray.evaluate.predict import ThresholdError, expand_inputs, predict_images
 from tests.data.trees import rgb, write_png
-from tests.evaluate.conftest import checkpoint_of
+from tests.evaluate.conftest import checkpoint_of, write_run
 
 
 def test_folders_and_globs_expand_and_same_named_inputs_get_their_own_maps(bank_run, tmp_path):
@@ -68,3 +68,19 @@ def test_an_input_that_matches_nothing_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no image files"):
         expand_inputs([tmp_path / "empty"])
+
+
+def test_a_checkpoint_rebuilds_the_student_its_config_records(tmp_path):
+    import torch
+
+    from cdd_ray.evaluate.scoring import load_detector
+
+    settings = ("student.embedding_stride=1", "student.width_factor=2")
+    run = write_run(tmp_path, "distillation", settings)
+    detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
+    spec = detector.student.spec
+    assert (config.student.embedding_stride, config.student.width_factor) == (1, 2)
+    assert (spec.embedding_stride, spec.width_factor) == (1, 2)
+    with torch.no_grad():
+        maps, scores = detector(torch.rand(2, 3, 32, 32))
+    assert maps.shape[-2:] == (32, 32) and scores.shape == (2,) and torch.isfinite(scores).all()

@@ -97,6 +97,21 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
     check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "train.epochs": 5}))
     with pytest.raises(RunDirError, match=r"train\.num_domains: 2 there, 3 here"):
         check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 3}))
+    # A run recorded before the student section existed had the default student.
+    (run_dir / RUN_FILE).write_text(json.dumps({**recorded, "config": {**recorded["config"], "student": {}}}))
+    check_run_dir(run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2}))
+    with pytest.raises(RunDirError, match=r"student\.embedding_stride: 2 there, 1 here"):
+        check_run_dir(
+            run_dir,
+            run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "student.embedding_stride": 1}),
+        )
+    unrecorded = {**recorded["config"], "data": {**recorded["config"]["data"]}}
+    del unrecorded["data"]["shuffle_window"]
+    (run_dir / RUN_FILE).write_text(json.dumps({**recorded, "config": unrecorded}))
+    with pytest.raises(RunDirError, match=r"data\.shuffle_window: 2048 there, 64 here"):
+        check_run_dir(
+            run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "data.shuffle_window": 64})
+        )
 
     (run_dir / RUN_FILE).write_text(json.dumps({**recorded, "format_version": 0}))
     with pytest.raises(RunDirError, match=rf"{run_dir}.*run format 0"):

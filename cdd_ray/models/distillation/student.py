@@ -104,6 +104,23 @@ class StudentSpec:
     embedding_width_factor: int | None = None
     embedding_blocks: int = 3
     decoder_blocks: tuple[int, int, int] = (3, 4, 6)
+    # stride of the OCBE's first block, undone by the decoder's first stage: 2 is RD4AD's (the
+    # embedding at 1/32 of the image), 1 keeps it on the level-3 grid (1/16)
+    embedding_stride: int = 2
+
+
+@dataclass
+class StudentConfig:
+    """The student's settings a user may change (``student.*`` keys); the rest follows the teacher.
+
+    ``embedding_stride``: 2 (RD4AD) puts the one-class embedding at 1/32 of the image side, 4 x 4
+    cells at 128 px; 1 keeps it at 1/16 (8 x 8 at 128 px, the grid RD4AD's embedding has at 256 px).
+    ``width_factor``: multiplies every block's inner width (a bottleneck's width is its output
+    channels / 4 times this); None takes the backbone's (RD4AD's 2 for the wide ResNets, else 1).
+    """
+
+    embedding_stride: int = 2
+    width_factor: int | None = None
 
 
 def _ratio(coarse: int, fine: int) -> int:
@@ -126,7 +143,7 @@ class OCBE(nn.Module):
         embedding = 2 * c3
         factor = spec.width_factor if spec.embedding_width_factor is None else spec.embedding_width_factor
         width = embedding // EXPANSION * factor
-        blocks = [Bottleneck(3 * c3, width, embedding, stride=2)]
+        blocks = [Bottleneck(3 * c3, width, embedding, stride=spec.embedding_stride)]
         blocks += [Bottleneck(embedding, width, embedding) for _ in range(spec.embedding_blocks - 1)]
         self.embed = nn.Sequential(*blocks)
         self.out_channels = embedding
@@ -155,7 +172,7 @@ class Decoder(nn.Module):
         super().__init__()
         c1, c2, c3 = spec.channels
         r1, r2, r3 = spec.reductions
-        targets = [(c3, 2), (c2, _ratio(r3, r2)), (c1, _ratio(r2, r1))]
+        targets = [(c3, spec.embedding_stride), (c2, _ratio(r3, r2)), (c1, _ratio(r2, r1))]
         stages, ch = [], in_channels
         for (out_ch, upsample), count in zip(targets, spec.decoder_blocks, strict=True):
             width = out_ch // EXPANSION * spec.width_factor
@@ -187,14 +204,28 @@ class Student(nn.Module):
 
 
 RESNET_WIDTH_FACTORS = {"wide_resnet50_2": 2, "wide_resnet101_2": 2}
+EMBEDDING_STRIDES = (1, 2)
 
 
-def student_spec(channels: list[int], reductions: list[int], backbone: str = "") -> StudentSpec:
-    """RD4AD's widths for the resnet family, a mirrored derivation for any other timm CNN."""
+def student_spec(
+    channels: list[int], reductions: list[int], backbone: str = "", student: StudentConfig | None = None
+) -> StudentSpec:
+    """RD4AD's widths for the resnet family, a mirrored derivation for any other timm CNN.
+
+    Raises ValueError when ``student.embedding_stride`` is not 1 or 2 or ``student.width_factor``
+    is below 1."""
+    student = student or StudentConfig()
+    if student.embedding_stride not in EMBEDDING_STRIDES:
+        raise ValueError(
+            f"student.embedding_stride must be one of {EMBEDDING_STRIDES}, got {student.embedding_stride}"
+        )
+    if student.width_factor is not None and student.width_factor < 1:
+        raise ValueError(f"student.width_factor must be >= 1, got {student.width_factor}")
     return StudentSpec(
         channels=tuple(channels),
         reductions=tuple(reductions),
-        width_factor=RESNET_WIDTH_FACTORS.get(backbone, 1),
+        width_factor=student.width_factor or RESNET_WIDTH_FACTORS.get(backbone, 1),
+        embedding_stride=student.embedding_stride,
     )
 
 

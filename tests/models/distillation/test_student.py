@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cdd_ray.models.distillation.student import Student, build_student, student_spec
+from cdd_ray.models.distillation.student import Student, StudentConfig, build_student, student_spec
 from tests.models.test_teacher import random_teacher
 
 BACKBONES = [("test_resnet", 32), ("test_efficientnet", 32), ("resnet18", 64), ("tf_efficientnet_lite0", 64)]
@@ -55,3 +55,40 @@ def test_embedding_width_factor_narrows_only_the_ocbe():
 def test_reductions_must_double():
     with pytest.raises(ValueError, match="powers of two"):
         Student(student_spec([8, 16, 32], [4, 12, 16]))
+
+
+def test_embedding_stride_one_keeps_the_embedding_on_the_level_3_grid():
+    teacher = random_teacher("tf_efficientnet_lite0")
+    features = teacher(torch.rand(2, 3, 64, 64))
+    shapes = {}
+    for stride in (1, 2):
+        student = Student(student_spec(teacher.channels, teacher.reductions, student=StudentConfig(stride)))
+        with torch.no_grad():
+            shapes[stride] = tuple(student.bottleneck(features).shape[-2:])
+            assert [o.shape for o in student(features)] == [f.shape for f in features]
+    level3 = tuple(features[2].shape[-2:])
+    assert shapes[1] == level3 and shapes[2] == (level3[0] // 2, level3[1] // 2)
+
+
+def test_width_factor_widens_every_block_and_overrides_the_backbones():
+    def widths(spec):
+        student = Student(spec)
+        return [b.body[1][0].out_channels for b in student.bottleneck.embed] + [
+            stage[0].body[0][0].out_channels for stage in student.decoder.stages
+        ]
+
+    base = widths(student_spec([24, 40, 112], [4, 8, 16]))
+    wide = widths(student_spec([24, 40, 112], [4, 8, 16], student=StudentConfig(width_factor=4)))
+    assert wide == [4 * w for w in base]
+    rd4ad = student_spec([256, 512, 1024], [4, 8, 16], "wide_resnet50_2")
+    narrowed = student_spec([256, 512, 1024], [4, 8, 16], "wide_resnet50_2", StudentConfig(width_factor=1))
+    assert (rd4ad.width_factor, narrowed.width_factor) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"embedding_stride": 4}, "embedding_stride"), ({"width_factor": 0}, "width_factor")],
+)
+def test_bad_student_settings_are_refused_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        student_spec([24, 40, 112], [4, 8, 16], student=StudentConfig(**setting))
