@@ -69,7 +69,7 @@ def test_killed_train_driver_then_the_same_command_resumes(ray_session, tiny_sto
     run_dir = storage / "killed"
     with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as first:
         wait_for(
-            lambda: marker.exists() and epochs_reported(run_dir) == [1], 240, first, "epoch 1 and the stall"
+            lambda: marker.exists() and epochs_reported(run_dir) == [1], 600, first, "epoch 1 and the stall"
         )
         first.kill()  # SIGKILL: no handler, no cleanup, as when a login node or laptop dies
     assert load_global(latest_checkpoint(run_dir))["epoch"] == 1
