@@ -139,13 +139,14 @@ def run(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
     todo = [c for c in planned_cells(args) if c["key"] not in done]
-    tree = Path(args.tree or ("bench_out/photos_tree" + ("" if args.size == 128 else str(args.size))))
+    suffix = "" if args.size == 128 else str(args.size)  # default folders per image size
+    tree = Path(args.tree or f"bench_out/photos_tree{suffix}")
     if not tree.exists():
         write_photo_benchmark(tree, PhotoBenchmarkConfig(image_size=args.size, categories=tuple(CATEGORIES)))
     written = Image.open(next(tree.glob("*/train/good/*.png"))).size[0]
     if written != args.size:  # a tree of another size would be resized, not hold the detail asked for
         raise SystemExit(f"{tree} holds {written} px images, not --size {args.size}: give another --tree")
-    work = Path(args.work or ("bench_out/photo_stores" + ("" if args.size == 128 else str(args.size))))
+    work = Path(args.work or f"bench_out/photo_stores{suffix}")
     teacher_config = TeacherConfig(backbone=args.teacher, weights=args.weights)
     teacher = build_teacher(teacher_config)
     print(
