@@ -33,6 +33,7 @@ from cdd_ray.evaluate.export import ExportError
 from cdd_ray.evaluate.predict import ThresholdError
 from cdd_ray.models.teacher import TeacherWeightsError
 from cdd_ray.ray_session import RayAddressError, ResourcesError, set_verbose
+from cdd_ray.submit import SubmitError
 from cdd_ray.train.checkpoint import CheckpointError
 from cdd_ray.train.errors import RunDirError, TrainingError
 
@@ -48,6 +49,7 @@ USER_ERRORS = (
     CheckpointError,
     RunDirError,
     TrainingError,
+    SubmitError,
     RayAddressError,
     ResourcesError,
     ThresholdError,

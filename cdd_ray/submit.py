@@ -88,14 +88,53 @@ def follow_instructions(address: str, job_id: str) -> list[str]:
     ]
 
 
+# Ray's job API answers HTTP 500 "No available agent to submit job, please try again later." while
+# the dashboard cannot reach a node's job agent yet (a cluster just started, or a loaded head node).
+AGENT_BUSY = "No available agent to submit job"
+AGENT_WAIT_S = 120.0
+END_WAIT_S = 60.0
+
+
+class SubmitError(RuntimeError):
+    """The cluster did not take the job, or did not report its end, within the bounded wait."""
+
+
+def submit_with_retry(
+    client, request: dict, address: str, wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0
+) -> str:
+    """``client.submit_job(**request)``, retried while Ray answers that no job agent is available yet.
+
+    Any other error is raised at once. Raises SubmitError naming the address after ``wait_s`` seconds
+    of "no available agent" answers (the same submission id is resent, so a retry never runs two jobs).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**request)
+        except RuntimeError as error:
+            if AGENT_BUSY not in str(error):
+                raise
+            if time.monotonic() + poll_s > deadline:
+                raise SubmitError(
+                    f"{address} answered 'no available agent to submit job' for {wait_s:.0f} s: the cluster's"
+                    " job agents are not up (a node still starting, or an overloaded head node); check"
+                    " `ray status` and the dashboard, then submit again"
+                ) from error
+            time.sleep(poll_s)
+
+
 def submit(request: dict, address: str, follow: bool) -> tuple[str, str | None]:
-    """Submits; with ``follow`` streams the logs until the job ends. Returns (job id, final status)."""
+    """Submits; with ``follow`` streams the logs until the job ends. Returns (job id, final status).
+
+    Raises SubmitError when the cluster has no job agent for AGENT_WAIT_S seconds, or when a job whose
+    log stream ended reports no final state within END_WAIT_S seconds.
+    """
     import asyncio
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(**request)
+    job_id = submit_with_retry(client, request, address)
     if not follow:
         return job_id, None
 
@@ -104,8 +143,15 @@ def submit(request: dict, address: str, follow: bool) -> tuple[str, str | None]:
             print(lines, end="", flush=True)
 
     asyncio.run(tail())
+    final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    deadline = time.monotonic() + END_WAIT_S
     status = client.get_job_status(job_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    while status not in final:
+        if time.monotonic() > deadline:
+            raise SubmitError(
+                f"job {job_id}: its log stream ended but its status is still {status}"
+                f" after {END_WAIT_S:.0f} s; see `ray job status {job_id} --address {address}`"
+            )
         time.sleep(0.5)
         status = client.get_job_status(job_id)
     return job_id, str(status.value if hasattr(status, "value") else status)
