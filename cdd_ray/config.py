@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from cdd_ray.models.distillation.losses import AGGREGATIONS, LOSS_FORMS, ObjectiveConfig
-from cdd_ray.models.distillation.student import EMBEDDING_STRIDES, StudentConfig
+from cdd_ray.models.distillation.student import StudentConfig, check_student
 from cdd_ray.models.patchcore.memory_bank import SEARCH_BACKENDS
 from cdd_ray.models.patchcore.model import MemoryBankConfig
 from cdd_ray.models.patchcore.softpatch import OUTLIER_SCORES
@@ -197,16 +197,10 @@ def validate(config: Config) -> Config:
     _check(config.train.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
     _check(config.data.partition in PARTITIONS, "data.partition", f"must be one of {PARTITIONS}")
     _check(config.data.image_size >= 32, "data.image_size", "must be >= 32")
-    _check(
-        config.student.embedding_stride in EMBEDDING_STRIDES,
-        "student.embedding_stride",
-        f"must be one of {EMBEDDING_STRIDES}",
-    )
-    _check(
-        config.student.width_factor is None or config.student.width_factor >= 1,
-        "student.width_factor",
-        "must be >= 1 (or null: the backbone's)",
-    )
+    try:
+        check_student(config.student)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     _check(config.data.outlier_domains >= 1, "data.outlier_domains", "must be >= 1")
     _check(0 <= config.data.holdout_fraction < 0.5, "data.holdout_fraction", "must lie in [0, 0.5)")
     _check(

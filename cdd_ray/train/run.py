@@ -37,6 +37,7 @@ from cdd_ray.evaluate.scoring import (
     score_arrays,
     write_evaluation,
 )
+from cdd_ray.models.distillation.student import resolved_width_factor
 from cdd_ray.ray_session import RAY_LOGGERS, check_resources, cluster_has_gpus, ensure_ray, log_to_file
 from cdd_ray.train.checkpoint import CheckpointError, checkpoints_in, load_global
 from cdd_ray.train.engine import NonFiniteLossError
@@ -100,13 +101,20 @@ def _differences(previous: dict, wanted: dict) -> list[str]:
     ``student`` keys); runs written before ``data.shuffle_window`` existed did not shuffle in a
     window at all, and resume with the default window's order."""
     defaults = config_to_dict(Config())
+
+    def value(config: dict, path: tuple[str, ...]) -> object:
+        found = _lookup(config, path)
+        if found is None:
+            found = _lookup(defaults, path)
+        if path == ("student", "width_factor"):  # null means the backbone's: compare what gets built
+            found = resolved_width_factor(str(value(config, ("teacher", "backbone"))), found)
+        return found
+
     differences = []
     for path in RESUME_KEYS:
-        before = _lookup(previous, path)
-        if before is None:
-            before = _lookup(defaults, path)
-        if before != _lookup(wanted, path):
-            differences.append(f"{'.'.join(path)}: {before!r} there, {_lookup(wanted, path)!r} here")
+        before, after = value(previous, path), value(wanted, path)
+        if before != after:
+            differences.append(f"{'.'.join(path)}: {before!r} there, {after!r} here")
     return differences
 
 

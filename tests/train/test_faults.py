@@ -105,6 +105,14 @@ def test_a_run_directory_with_other_settings_or_format_is_refused_by_name(tmp_pa
             run_dir,
             run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "student.embedding_stride": 1}),
         )
+    # width_factor null builds the backbone's width (1 here): an explicit 1 is the same student.
+    check_run_dir(
+        run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "student.width_factor": 1})
+    )
+    with pytest.raises(RunDirError, match=r"student\.width_factor: 1 there, 2 here"):
+        check_run_dir(
+            run_dir, run_config(tmp_path, tiny_store, **{"train.num_domains": 2, "student.width_factor": 2})
+        )
     unrecorded = {**recorded["config"], "data": {**recorded["config"]["data"]}}
     del unrecorded["data"]["shuffle_window"]
     (run_dir / RUN_FILE).write_text(json.dumps({**recorded, "config": unrecorded}))

@@ -207,24 +207,37 @@ RESNET_WIDTH_FACTORS = {"wide_resnet50_2": 2, "wide_resnet101_2": 2}
 EMBEDDING_STRIDES = (1, 2)
 
 
+def check_student(student: StudentConfig) -> None:
+    """Raises ValueError, naming the key, when ``student.embedding_stride`` is not 1 or 2 or
+    ``student.width_factor`` is below 1 (the config and the API both check through here)."""
+    if student.embedding_stride not in EMBEDDING_STRIDES:
+        raise ValueError(
+            f"student.embedding_stride: must be one of {EMBEDDING_STRIDES}, got {student.embedding_stride}"
+        )
+    if student.width_factor is not None and student.width_factor < 1:
+        raise ValueError(
+            f"student.width_factor: must be >= 1 (or null: the backbone's), got {student.width_factor}"
+        )
+
+
+def resolved_width_factor(backbone: str, width_factor: int | None) -> int:
+    """The width factor a student is built with: ``width_factor``, or when None the backbone's
+    (RD4AD's 2 for the wide ResNets, 1 for any other)."""
+    return width_factor or RESNET_WIDTH_FACTORS.get(backbone, 1)
+
+
 def student_spec(
     channels: list[int], reductions: list[int], backbone: str = "", student: StudentConfig | None = None
 ) -> StudentSpec:
     """RD4AD's widths for the resnet family, a mirrored derivation for any other timm CNN.
 
-    Raises ValueError when ``student.embedding_stride`` is not 1 or 2 or ``student.width_factor``
-    is below 1."""
+    Raises ValueError as ``check_student``."""
     student = student or StudentConfig()
-    if student.embedding_stride not in EMBEDDING_STRIDES:
-        raise ValueError(
-            f"student.embedding_stride must be one of {EMBEDDING_STRIDES}, got {student.embedding_stride}"
-        )
-    if student.width_factor is not None and student.width_factor < 1:
-        raise ValueError(f"student.width_factor must be >= 1, got {student.width_factor}")
+    check_student(student)
     return StudentSpec(
         channels=tuple(channels),
         reductions=tuple(reductions),
-        width_factor=student.width_factor or RESNET_WIDTH_FACTORS.get(backbone, 1),
+        width_factor=resolved_width_factor(backbone, student.width_factor),
         embedding_stride=student.embedding_stride,
     )
 
