@@ -7,7 +7,10 @@ several anomaly-map variants, side by side, so differences come from the scoring
 - ``levels``: which teacher levels enter the map (RD4AD sums all three; PatchCore's features use
   levels 2 and 3 only);
 - ``score``: the image score, the map's maximum (RD4AD) or the mean of its top 1 % pixels;
-- ``sigma``: the Gaussian blur of the map (4, RD4AD's).
+- ``sigma``: the Gaussian blur of the map (4, RD4AD's);
+- ``pool``: local aggregation of teacher and student features before the cosine distance (a k x k
+  mean, stride 1, as PatchCore aggregates a patch's neighbourhood; 1 = none, RD4AD's). Variants
+  with pool > 1 are named ``...-p{k}``.
 
 Run: .venv/bin/python bench/rd_scoring.py --out bench_out/rd_scoring.jsonl --seeds 0 1 2
      .venv/bin/python bench/rd_scoring.py --out bench_out/rd_scoring.jsonl --report
@@ -43,8 +46,9 @@ SCORES = ("max", "top1pct")
 SIGMAS = (4.0, 2.0)
 
 
-def distances(detector, images: torch.Tensor) -> list[torch.Tensor]:
-    """Per level (1 - cosine) maps upsampled to the image, (N, H, W) each."""
+def distances(detector, images: torch.Tensor, pool: int = 1) -> list[torch.Tensor]:
+    """Per level (1 - cosine) maps upsampled to the image, (N, H, W) each; features averaged over
+    ``pool`` x ``pool`` neighbourhoods first when pool > 1."""
     out: list[list[torch.Tensor]] = [[], [], []]
     with torch.no_grad():
         detector.student.eval()
@@ -53,6 +57,9 @@ def distances(detector, images: torch.Tensor) -> list[torch.Tensor]:
             teacher = detector.teacher(batch)
             student = detector.student(teacher)
             for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
+                if pool > 1:
+                    t = F.avg_pool2d(t, pool, stride=1, padding=pool // 2, count_include_pad=False)
+                    s = F.avg_pool2d(s, pool, stride=1, padding=pool // 2, count_include_pad=False)
                 d = 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
                 out[level].append(F.interpolate(d, size=batch.shape[-2:], mode="bilinear").squeeze(1))
     return [torch.cat(level) for level in out]
@@ -85,14 +92,14 @@ def run(args) -> None:
         test = load(store, category, "test", 128)
         started = time.perf_counter()
         detector, _ = fit_detector(config, teacher, train["images"], train["ids"])
-        levels = distances(detector, test["images"])
+        per_pool = {pool: distances(detector, test["images"], pool) for pool in args.pools}
         row = {"key": key, "setting": args.setting, "noise": args.noise, "seed": seed, "category": category}
         row |= {"method": method, "seconds": round(time.perf_counter() - started, 1)}
-        for (name, chosen), kind, sigma in product(LEVELS.items(), SCORES, SIGMAS):
-            maps = gaussian_blur(sum(levels[i] for i in chosen), sigma)
+        for pool, (name, chosen), kind, sigma in product(args.pools, LEVELS.items(), SCORES, SIGMAS):
+            maps = gaussian_blur(sum(per_pool[pool][i] for i in chosen), sigma)
             scores = image_score(maps, kind)
             metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
-            variant = f"L{name}-{kind}-s{sigma:g}"
+            variant = f"L{name}-{kind}-s{sigma:g}" + (f"-p{pool}" if pool > 1 else "")
             row[variant] = {m: round(float(metrics[m]), 4) for m in ("image_auroc", "pixel_auroc")}
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -144,6 +151,7 @@ def main() -> None:
     parser.add_argument("--tree", default="bench_out/photos_tree")
     parser.add_argument("--work", default="bench_out/photo_stores")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pools", type=int, nargs="+", default=[1], help="feature pooling sizes (odd)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     report(args) if args.report else run(args)
