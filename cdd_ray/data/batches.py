@@ -21,20 +21,26 @@ def decode_batch(
     evaluation: bool,
     assignment: dict[str, int] | None = None,
     keep: frozenset[str] | None = None,
-) -> dict:
+) -> dict | pa.Table:
     """Rows of one split (and category) with images as float32 (N, 3, S, S) in [0, 1]; the training
     split's images (``evaluation=False``) stay uint8 in [0, 255], 4x smaller in the object store and
     in the workers, and become float32 batch by batch (``cdd_ray.data.tensors.to_float``).
 
     With ``assignment`` (sample id -> domain, -1 for the held-out slice) rows get a ``domain``
     column. With ``keep`` only the rows whose sample id it holds are kept (one rank's rows,
-    ``cdd_ray.data.sharding``). Both apply before any image is decoded."""
+    ``cdd_ray.data.sharding``). Both apply before any image is decoded.
+
+    A block with none of the wanted rows becomes an empty table without columns: Ray Data cannot
+    type an empty (0, 3, S, S) array as a tensor column, and would otherwise store that block's
+    images as pickled Python objects (with a warning on every run) under another schema."""
     wanted = pc.equal(table["split"], split)
     if category:
         wanted = pc.and_(wanted, pc.equal(table["category"], category))
     table = table.filter(wanted)
     if keep is not None:
         table = table.filter(pa.array([sid in keep for sid in table["sample_id"].to_pylist()], pa.bool_()))
+    if table.num_rows == 0:
+        return pa.table({})
     ids = table["sample_id"].to_pylist()
     domains = None
     if assignment is not None:

@@ -106,6 +106,26 @@ def test_training_batches_carry_no_labels(ray_session, tiny_store):
     assert batch["image"].dtype == np.uint8  # a quarter of float32; to_float at the step
 
 
+def test_a_block_without_wanted_rows_keeps_the_images_a_tensor_column(ray_session, tiny_store):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+
+    from cdd_ray.data.batches import decode_batch
+    from cdd_ray.data.ray_data import TRAIN_READ_COLUMNS
+    from cdd_ray.data.store import SAMPLES_FILE
+
+    table = pq.read_table(tiny_store / SAMPLES_FILE, columns=TRAIN_READ_COLUMNS)
+    wanted = pc.and_(pc.equal(table["split"], "train"), pc.equal(table["category"], "weave"))
+    blocks = [table.filter(pc.invert(wanted)), table.filter(wanted)]  # the first holds no wanted row
+    assert blocks[0].num_rows > 0 and blocks[1].num_rows > 0
+    kwargs = {"split": "train", "category": "weave", "image_size": 32, "evaluation": False}
+    dataset = ray.data.from_arrow(blocks).map_batches(decode_batch, batch_format="pyarrow", fn_kwargs=kwargs)
+    dataset = dataset.materialize()
+    assert "tensor" in str(dataset.schema().types[dataset.schema().names.index("image")]).lower()
+    assert dataset.count() == blocks[1].num_rows
+
+
 def test_each_rank_dataset_holds_only_that_ranks_rows_once_in_file_order(ray_session, tiny_store, tmp_path):
     import pyarrow.parquet as pq
 
