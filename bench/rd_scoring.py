@@ -73,7 +73,14 @@ def image_score(maps: torch.Tensor, kind: str) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
+def pools_suffix(pools: list[int]) -> str:
+    """Key suffix of a run that scored pooled variants too (none for the default, no pooling)."""
+    return "" if pools == [1] else "|pools" + "-".join(map(str, pools))
+
+
 def run(args) -> None:
+    if 1 not in args.pools or any(k < 1 or k % 2 == 0 for k in args.pools):
+        raise SystemExit(f"--pools {args.pools}: odd sizes >= 1, including 1 (the default scoring)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
@@ -83,7 +90,7 @@ def run(args) -> None:
     teacher_config = TeacherConfig()
     teacher = build_teacher(teacher_config)
     for seed, category, method in product(args.seeds, args.categories, args.methods):
-        key = f"{args.setting}|{args.noise}|{seed}|{category}|{method}"
+        key = f"{args.setting}|{args.noise}|{seed}|{category}|{method}" + pools_suffix(args.pools)
         if key in done:
             continue
         store = store_for(tree, Path(args.work), args.setting, args.noise, seed)
@@ -94,7 +101,7 @@ def run(args) -> None:
         detector, _ = fit_detector(config, teacher, train["images"], train["ids"])
         per_pool = {pool: distances(detector, test["images"], pool) for pool in args.pools}
         row = {"key": key, "setting": args.setting, "noise": args.noise, "seed": seed, "category": category}
-        row |= {"method": method, "seconds": round(time.perf_counter() - started, 1)}
+        row |= {"method": method, "seconds": round(time.perf_counter() - started, 1), "pools": args.pools}
         for pool, (name, chosen), kind, sigma in product(args.pools, LEVELS.items(), SCORES, SIGMAS):
             maps = gaussian_blur(sum(per_pool[pool][i] for i in chosen), sigma)
             scores = image_score(maps, kind)
@@ -112,8 +119,8 @@ def report(args) -> None:
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
     groups: dict = defaultdict(list)
     for row in rows:
-        groups[(row["setting"], row["noise"], row["method"])].append(row)
-    for (setting, noise, method), items in groups.items():
+        groups[(row["setting"], row["noise"], row["method"], tuple(row.get("pools", [1])))].append(row)
+    for (setting, noise, method, _), items in groups.items():
         variants = [k for k, v in items[0].items() if isinstance(v, dict)]
         print(f"\n{setting}, noise {noise}, {method}: {len(items)} runs (category x seed); image AUROC")
         print("| variant | mean +- std over seeds | worst run | paired vs L123-max-s4 | pixel AUROC |")

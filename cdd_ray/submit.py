@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Paths a job's working_dir never needs: environments, outputs, data, VCS.
@@ -89,8 +90,10 @@ def follow_instructions(address: str, job_id: str) -> list[str]:
 
 
 # Ray's job API answers HTTP 500 "No available agent to submit job, please try again later." while
-# the dashboard cannot reach a node's job agent yet (a cluster just started, or a loaded head node).
-AGENT_BUSY = "No available agent to submit job"
+# the dashboard cannot reach a node's job agent (a cluster just started, or a loaded head node); the
+# head holds each such request about 10 s first. Under Python < 3.11 on the head the same wait ends
+# in "Failed to get head node agent within 10 seconds" instead.
+AGENT_BUSY = ("No available agent to submit job", "Failed to get head node agent")
 AGENT_WAIT_S = 120.0
 END_WAIT_S = 60.0
 
@@ -100,27 +103,61 @@ class SubmitError(RuntimeError):
 
 
 def submit_with_retry(
-    client, request: dict, address: str, wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0
+    client,
+    request: dict,
+    address: str,
+    wait_s: float = AGENT_WAIT_S,
+    poll_s: float = 2.0,
+    say: Callable[[str], None] = print,
 ) -> str:
-    """``client.submit_job(**request)``, retried while Ray answers that no job agent is available yet.
+    """``client.submit_job(**request)``, tried again while Ray answers that no job agent is available.
 
-    Any other error is raised at once. Raises SubmitError naming the address after ``wait_s`` seconds
-    of "no available agent" answers (the same submission id is resent, so a retry never runs two jobs).
+    The same submission id is resent. When a busy answer came after the agent had in fact started
+    the job, the next try is refused as "already exists": that job is this one, and its id is
+    returned. Any other error is raised at once. Raises SubmitError naming the address when busy
+    answers go on past ``wait_s`` seconds (each answer itself may take ~10 s, so the last try can
+    end up to that much later). ``say`` gets one line when the first busy answer comes.
     """
     deadline = time.monotonic() + wait_s
+    busy = False
     while True:
         try:
             return client.submit_job(**request)
         except RuntimeError as error:
-            if AGENT_BUSY not in str(error):
+            text = str(error)
+            if busy and "already exists" in text and request["submission_id"] in text:
+                return request["submission_id"]
+            if not any(marker in text for marker in AGENT_BUSY):
                 raise
             if time.monotonic() + poll_s > deadline:
                 raise SubmitError(
-                    f"{address} answered 'no available agent to submit job' for {wait_s:.0f} s: the cluster's"
-                    " job agents are not up (a node still starting, or an overloaded head node); check"
-                    " `ray status` and the dashboard, then submit again"
+                    f"{address} answered 'no available agent to submit job' for {wait_s:.0f} s: the"
+                    " cluster's job agents are not up (a node still starting, or an overloaded head"
+                    " node); check `ray status` and the dashboard, then submit again"
                 ) from error
+            if not busy:
+                say(f"{address} has no job agent ready yet; trying again for up to {wait_s:.0f} s")
+            busy = True
             time.sleep(poll_s)
+
+
+def wait_for_final_status(client, job_id: str, address: str, wait_s: float = END_WAIT_S, poll_s: float = 0.5):
+    """The job's status once it is SUCCEEDED, FAILED or STOPPED. Raises SubmitError, naming the job,
+    when it is still in another state after ``wait_s`` seconds (called when its log stream ended)."""
+    from ray.job_submission import JobStatus
+
+    final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    deadline = time.monotonic() + wait_s
+    status = client.get_job_status(job_id)
+    while status not in final:
+        if time.monotonic() > deadline:
+            raise SubmitError(
+                f"job {job_id}: its log stream ended but its status is still {status}"
+                f" after {wait_s:.0f} s; see `ray job status {job_id} --address {address}`"
+            )
+        time.sleep(poll_s)
+        status = client.get_job_status(job_id)
+    return status
 
 
 def submit(request: dict, address: str, follow: bool) -> tuple[str, str | None]:
@@ -131,7 +168,7 @@ def submit(request: dict, address: str, follow: bool) -> tuple[str, str | None]:
     """
     import asyncio
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     job_id = submit_with_retry(client, request, address)
@@ -143,15 +180,5 @@ def submit(request: dict, address: str, follow: bool) -> tuple[str, str | None]:
             print(lines, end="", flush=True)
 
     asyncio.run(tail())
-    final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
-    deadline = time.monotonic() + END_WAIT_S
-    status = client.get_job_status(job_id)
-    while status not in final:
-        if time.monotonic() > deadline:
-            raise SubmitError(
-                f"job {job_id}: its log stream ended but its status is still {status}"
-                f" after {END_WAIT_S:.0f} s; see `ray job status {job_id} --address {address}`"
-            )
-        time.sleep(0.5)
-        status = client.get_job_status(job_id)
+    status = wait_for_final_status(client, job_id, address)
     return job_id, str(status.value if hasattr(status, "value") else status)

@@ -21,26 +21,21 @@ def decode_batch(
     evaluation: bool,
     assignment: dict[str, int] | None = None,
     keep: frozenset[str] | None = None,
-) -> dict | pa.Table:
+) -> dict[str, np.ndarray]:
     """Rows of one split (and category) with images as float32 (N, 3, S, S) in [0, 1]; the training
     split's images (``evaluation=False``) stay uint8 in [0, 255], 4x smaller in the object store and
     in the workers, and become float32 batch by batch (``cdd_ray.data.tensors.to_float``).
 
     With ``assignment`` (sample id -> domain, -1 for the held-out slice) rows get a ``domain``
     column. With ``keep`` only the rows whose sample id it holds are kept (one rank's rows,
-    ``cdd_ray.data.sharding``). Both apply before any image is decoded.
-
-    A block with none of the wanted rows becomes an empty table without columns: Ray Data cannot
-    type an empty (0, 3, S, S) array as a tensor column, and would otherwise store that block's
-    images as pickled Python objects (with a warning on every run) under another schema."""
+    ``cdd_ray.data.sharding``). Both apply before any image is decoded. No wanted row: every array
+    has length 0."""
     wanted = pc.equal(table["split"], split)
     if category:
         wanted = pc.and_(wanted, pc.equal(table["category"], category))
     table = table.filter(wanted)
     if keep is not None:
         table = table.filter(pa.array([sid in keep for sid in table["sample_id"].to_pylist()], pa.bool_()))
-    if table.num_rows == 0:
-        return pa.table({})
     ids = table["sample_id"].to_pylist()
     domains = None
     if assignment is not None:
@@ -57,3 +52,12 @@ def decode_batch(
         out["defect_type"] = np.asarray(table["defect_type"].to_pylist(), dtype=object)
         out["mask"] = decode_masks(table["mask"].to_pylist(), ids, image_size)
     return out
+
+
+def decode_block(table: pa.Table, **kwargs) -> dict[str, np.ndarray] | pa.Table:
+    """``decode_batch`` for Ray Data's ``map_batches`` (same arguments): a block with none of the
+    wanted rows becomes an empty table without columns, which Ray Data skips. Ray Data cannot type
+    an empty (0, 3, S, S) array as a tensor column; it would store that block's images as pickled
+    Python objects, under another schema, with a warning on every run."""
+    out = decode_batch(table, **kwargs)
+    return out if len(out["sample_id"]) else pa.table({})

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from cdd_ray.data.batches import decode_batch
+from cdd_ray.data.batches import decode_block
 from cdd_ray.data.store import SAMPLES_FILE, check_store
 
 TRAIN_READ_COLUMNS = ["sample_id", "category", "split", "image"]
@@ -43,14 +43,15 @@ def read_split(
 ) -> ray.data.Dataset:
     """Decoded rows of one split; the train split leaves out label, defect type and injected.
     ``assignment`` adds the domain column, ``keep`` keeps only those sample ids, see
-    ``cdd_ray.data.batches.decode_batch``. Blocks come out in file order."""
+    ``cdd_ray.data.batches.decode_batch``. Blocks come out in file order; a block without wanted rows
+    is empty (``decode_block``)."""
     check_store(store)
     evaluation = split != "train"
     columns = EVAL_READ_COLUMNS if evaluation else TRAIN_READ_COLUMNS
     dataset = ray.data.read_parquet(str(Path(store).resolve() / SAMPLES_FILE)).select_columns(columns)
     dataset.context.execution_options.preserve_order = True
     return dataset.map_batches(
-        decode_batch,
+        decode_block,
         batch_format="pyarrow",
         fn_kwargs={
             "split": split,

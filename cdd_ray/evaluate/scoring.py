@@ -70,7 +70,7 @@ def read_split_arrays(
     check_store(store)
     table = pq.read_table(Path(store) / SAMPLES_FILE, columns=EVAL_COLUMNS)
     if sample_ids is not None:
-        table = table.filter(pc.is_in(table["sample_id"], value_set=pa.array(sample_ids)))
+        table = table.filter(pc.is_in(table["sample_id"], value_set=pa.array(sample_ids, pa.string())))
     return decode_batch(table, split, category, image_size, evaluation=True)
 
 

@@ -84,3 +84,14 @@ def test_a_checkpoint_rebuilds_the_student_its_config_records(tmp_path):
     with torch.no_grad():
         maps, scores = detector(torch.rand(2, 3, 32, 32))
     assert maps.shape[-2:] == (32, 32) and scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_a_split_without_rows_reads_as_empty_arrays_and_summarizes_as_nothing_to_score(tiny_store):
+    from cdd_ray.evaluate.report import summarize
+    from cdd_ray.evaluate.scoring import read_split_arrays
+
+    data = read_split_arrays(tiny_store, "test", "weave", 32, sample_ids=[])
+    assert data["image"].shape == (0, 3, 32, 32) and data["mask"].shape == (0, 32, 32)
+    assert len(data["sample_id"]) == len(data["label"]) == 0
+    results = {k: data[k] for k in ("category", "label", "mask")}
+    assert summarize(results)["not_computed"] == ["no test images to score"]

@@ -111,7 +111,7 @@ def test_a_block_without_wanted_rows_keeps_the_images_a_tensor_column(ray_sessio
     import pyarrow.parquet as pq
     import ray
 
-    from cdd_ray.data.batches import decode_batch
+    from cdd_ray.data.batches import decode_block
     from cdd_ray.data.ray_data import TRAIN_READ_COLUMNS
     from cdd_ray.data.store import SAMPLES_FILE
 
@@ -120,7 +120,7 @@ def test_a_block_without_wanted_rows_keeps_the_images_a_tensor_column(ray_sessio
     blocks = [table.filter(pc.invert(wanted)), table.filter(wanted)]  # the first holds no wanted row
     assert blocks[0].num_rows > 0 and blocks[1].num_rows > 0
     kwargs = {"split": "train", "category": "weave", "image_size": 32, "evaluation": False}
-    dataset = ray.data.from_arrow(blocks).map_batches(decode_batch, batch_format="pyarrow", fn_kwargs=kwargs)
+    dataset = ray.data.from_arrow(blocks).map_batches(decode_block, batch_format="pyarrow", fn_kwargs=kwargs)
     dataset = dataset.materialize()
     assert "tensor" in str(dataset.schema().types[dataset.schema().names.index("image")]).lower()
     assert dataset.count() == blocks[1].num_rows
