@@ -172,8 +172,8 @@ def run(args) -> None:
     for i, cell in enumerate(todo):
         store = store_for(tree, work, cell["setting"], cell["noise"], cell["seed"])
         result = run_cell(teacher, teacher_config, store, cell, args)
-        row = cell | result | {"epochs": args.epochs, "size": args.size, "teacher": args.teacher}
-        row["train_normal"] = args.train_normal
+        settings = {"epochs": args.epochs, "size": args.size, "teacher": args.teacher}
+        row = cell | result | settings | {"train_normal": args.train_normal}
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(

@@ -46,10 +46,18 @@ SCORES = ("max", "top1pct")
 SIGMAS = (4.0, 2.0)
 
 
-def distances(detector, images: torch.Tensor, pool: int = 1) -> list[torch.Tensor]:
-    """Per level (1 - cosine) maps upsampled to the image, (N, H, W) each; features averaged over
-    ``pool`` x ``pool`` neighbourhoods first when pool > 1."""
-    out: list[list[torch.Tensor]] = [[], [], []]
+def pooled(features: torch.Tensor, pool: int) -> torch.Tensor:
+    """The mean over each ``pool`` x ``pool`` neighbourhood (stride 1, same size); pool 1: unchanged."""
+    if pool == 1:
+        return features
+    return F.avg_pool2d(features, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
+def distances(detector, images: torch.Tensor, pools: list[int]) -> dict[int, list[torch.Tensor]]:
+    """Per pooling size, per level (1 - cosine) maps upsampled to the image, (N, H, W) each;
+    features averaged over ``pool`` x ``pool`` neighbourhoods first when pool > 1. One forward pass
+    of teacher and student serves every pooling size."""
+    out: dict[int, list[list[torch.Tensor]]] = {pool: [[], [], []] for pool in pools}
     with torch.no_grad():
         detector.student.eval()
         for start in range(0, len(images), 16):
@@ -57,12 +65,11 @@ def distances(detector, images: torch.Tensor, pool: int = 1) -> list[torch.Tenso
             teacher = detector.teacher(batch)
             student = detector.student(teacher)
             for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
-                if pool > 1:
-                    t = F.avg_pool2d(t, pool, stride=1, padding=pool // 2, count_include_pad=False)
-                    s = F.avg_pool2d(s, pool, stride=1, padding=pool // 2, count_include_pad=False)
-                d = 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
-                out[level].append(F.interpolate(d, size=batch.shape[-2:], mode="bilinear").squeeze(1))
-    return [torch.cat(level) for level in out]
+                for pool in pools:
+                    d = 1.0 - F.cosine_similarity(pooled(t, pool), pooled(s, pool), dim=1).unsqueeze(1)
+                    d = F.interpolate(d, size=batch.shape[-2:], mode="bilinear").squeeze(1)
+                    out[pool][level].append(d)
+    return {pool: [torch.cat(level) for level in levels] for pool, levels in out.items()}
 
 
 def image_score(maps: torch.Tensor, kind: str) -> torch.Tensor:
@@ -99,7 +106,7 @@ def run(args) -> None:
         test = load(store, category, "test", 128)
         started = time.perf_counter()
         detector, _ = fit_detector(config, teacher, train["images"], train["ids"])
-        per_pool = {pool: distances(detector, test["images"], pool) for pool in args.pools}
+        per_pool = distances(detector, test["images"], args.pools)
         row = {"key": key, "setting": args.setting, "noise": args.noise, "seed": seed, "category": category}
         row |= {"method": method, "seconds": round(time.perf_counter() - started, 1), "pools": args.pools}
         for pool, (name, chosen), kind, sigma in product(args.pools, LEVELS.items(), SCORES, SIGMAS):

@@ -42,6 +42,7 @@ from cdd_ray.data.tensors import to_float
 from cdd_ray.train.engine import batches
 
 LOGGER = logging.getLogger("cdd_ray.train")
+SOURCE_BATCH = 256  # rows per block read from a rank's dataset
 SHARD = "shard"
 HOLDOUT = "holdout"
 CHUNK = 64  # images per teacher forward when filling the cache or scoring a part in order
@@ -74,7 +75,12 @@ class RankStream:
     """The rows of ``rows`` (one rank), read from ``source`` on every pass; see the module doc."""
 
     def __init__(
-        self, source: Source, rows: RankRows, device: torch.device, window: int, block_rows: int = 256
+        self,
+        source: Source,
+        rows: RankRows,
+        device: torch.device,
+        window: int,
+        block_rows: int = SOURCE_BATCH,
     ):
         """``block_rows``: rows per block of ``source`` (spare room the window buffer starts with)."""
         if window < 1:

@@ -64,11 +64,10 @@ from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, stage_plan
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
 from cdd_ray.train.fit import training_patch_features
 from cdd_ray.train.monitoring import RunGauges
-from cdd_ray.train.rank_stream import HOLDOUT, SHARD, RankStream, batch_count, cache_decision
+from cdd_ray.train.rank_stream import HOLDOUT, SHARD, SOURCE_BATCH, RankStream, batch_count, cache_decision
 from cdd_ray.train.session import RayTrainSession
 
 TEST_COLUMNS = ("sample_id", "category", "label", "defect_type", "image", "mask")
-SOURCE_BATCH = 256  # rows per block read from a rank's dataset
 
 
 def open_stream(config: Config, loop_config: dict, session) -> RankStream:
