@@ -17,6 +17,9 @@ Fixed cost = total - training.
 Run:
     git worktree add ../cdd-before 6f10313        # the code before the fixed-cost work
     .venv/bin/python bench/run_overhead.py --before ../cdd-before --repeats 2
+
+``--also KEY=VALUE ...`` adds a run of this tree with those overrides to each round (e.g.
+``data.object_store_mb=0``: the workers read the Parquet store, nothing is materialized).
 """
 
 from __future__ import annotations
@@ -113,25 +116,27 @@ def phases(trace: Path) -> dict:
 
 
 def parent(args) -> None:
-    trees = {"this tree": HERE}
+    trees = {"this tree": (HERE, [])}
     if args.before:
-        trees = {"before": Path(args.before).resolve(), **trees}
+        trees = {"before": (Path(args.before).resolve(), []), **trees}
+    if args.also:
+        trees[f"this tree, {' '.join(args.also)}"] = (HERE, args.also)
     work = Path(tempfile.mkdtemp(prefix="overhead"))
     results: dict[str, list[dict]] = {name: [] for name in trees}
     for repeat in range(args.repeats):
-        for name, tree in trees.items():
+        for name, (tree, extra) in trees.items():
             env = dict(os.environ, PYTHONPATH=str(tree))
             command = [
                 sys.executable,
                 str(HERE / "bench" / "run_overhead.py"),
                 "--child",
                 "--work",
-                str(work / name.replace(" ", "_")),
+                str(work / name.replace(" ", "_").replace(",", "").replace("=", "_")),
                 "--epochs",
                 str(args.epochs),
                 "--domains",
                 str(args.domains),
-                *[f"--override={o}" for o in args.override],
+                *[f"--override={o}" for o in [*args.override, *extra]],
             ]
             output = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree, timeout=1800)
             lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
@@ -161,6 +166,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--domains", type=int, default=2)
     parser.add_argument("--override", action="append", default=[], help="more dotted config overrides")
+    parser.add_argument(
+        "--also", nargs="+", default=[], help="overrides of a third run of this tree, side by side"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()

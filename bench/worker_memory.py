@@ -18,6 +18,9 @@ data, not the model, fills the worker; ``--override teacher.backbone=...`` chang
 
     git worktree add ../cdd-head <commit before streaming>
     .venv/bin/python bench/worker_memory.py --before ../cdd-head --sizes 1000 4000 16000
+
+``--also KEY=VALUE ...`` adds a run of this tree with those overrides beside the others (e.g.
+``data.object_store_mb=0``: every worker reads its rows from the Parquet store).
 """
 
 from __future__ import annotations
@@ -128,9 +131,11 @@ def make_store(path: Path, size: int) -> None:
 
 
 def parent(args) -> None:
-    trees = {"this tree": HERE}
+    trees = {"this tree": (HERE, [])}
     if args.before:
-        trees = {"before": Path(args.before).resolve(), **trees}
+        trees = {"before": (Path(args.before).resolve(), []), **trees}
+    if args.also:
+        trees[f"this tree, {' '.join(args.also)}"] = (HERE, args.also)
     work = Path(args.work or tempfile.mkdtemp(prefix="wmem")).resolve()
     rows = []
     for size in args.sizes:
@@ -138,7 +143,7 @@ def parent(args) -> None:
         started = time.time()
         make_store(store, size)
         print(f"{size} images: store ready in {time.time() - started:.0f} s", flush=True)
-        for name, tree in trees.items():
+        for name, (tree, extra) in trees.items():
             sampler = Sampler()
             sampler.start()
             command = [
@@ -146,10 +151,10 @@ def parent(args) -> None:
                 str(HERE / "bench" / "worker_memory.py"),
                 "--child",
                 "--work",
-                str(work / name.replace(" ", "_")),
+                str(work / name.split(",")[0].replace(" ", "_")),
                 "--store",
                 str(store),
-                *[f"--override={o}" for o in args.override],
+                *[f"--override={o}" for o in [*args.override, *extra]],
             ]
             env = dict(os.environ, PYTHONPATH=str(tree))
             output = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree, timeout=3600)
@@ -183,6 +188,9 @@ def main() -> None:
     parser.add_argument("--before", help="a checkout of the code to compare with (e.g. a git worktree)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     parser.add_argument("--override", action="append", default=[], help="more dotted config overrides")
+    parser.add_argument(
+        "--also", nargs="+", default=[], help="overrides of a third run of this tree, side by side"
+    )
     parser.add_argument("--work", help="where stores and runs go (kept between calls: stores are reused)")
     parser.add_argument("--out", help="JSON lines of the results")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -49,6 +49,9 @@ class DataConfig:
     # Rows a worker shuffles together as it streams its data (cdd_ray.train.rank_stream); a part up
     # to this size is shuffled whole. Memory: this many decoded uint8 images per worker.
     shuffle_window: int = 2048
+    # Decoded training rows (uint8) a rank may keep in Ray's object store, MiB; a rank with more
+    # reads its rows from the Parquet store itself on every pass (cdd_ray.data.parquet_rows).
+    object_store_mb: float = 256.0
 
 
 @dataclass
@@ -208,6 +211,7 @@ def validate(config: Config) -> Config:
         "data.shuffle_window",
         f"must be at least 2 x train.batch_size = {2 * config.train.batch_size} rows",
     )
+    _check(config.data.object_store_mb >= 0, "data.object_store_mb", "must be >= 0 (MiB per rank)")
     _check(config.train.teacher_cache_mb >= 0, "train.teacher_cache_mb", "must be >= 0 (MiB per worker)")
     _check(config.optim.lr > 0, "optim.lr", f"must be positive, got {config.optim.lr}")
     _check(config.optim.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"must be one of {LR_SCHEDULES}")

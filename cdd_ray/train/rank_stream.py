@@ -12,20 +12,23 @@ of the part a stage needs, and shuffles them in a window of ``window`` rows:
 
 A part no larger than the window is therefore shuffled whole, exactly as a set held in memory and
 sorted by id would be; a larger one is shuffled within windows (what Ray Data's local shuffle
-buffer does), so memory stays at one window plus one source block. Nothing depends on the order rows
-arrive in within a window, and the source yields blocks in file order, so a seed gives the same
-batches on every run and on a restart (for a part larger than the window they also depend on the
-store's row order and on the window's size).
+buffer does), so memory stays at one window plus a block or two. The part's rows are re-cut into
+blocks of ``block_rows`` before they reach the window, so nothing depends on how the source cuts
+its blocks nor on the order rows arrive in within a window: a seed gives the same batches on every
+run, on a restart and from either source (for a part larger than the window they also depend on
+the store's row order and on the window's size).
 
-Every pass reads the rank's whole dataset and keeps the part it needs (zero-copy from the object
-store): a domain owner's shard pass also reads its domain rows. Cheap on one node; at many ranks
-with large domains one dataset per part would read less (not built).
+Two sources give a rank its rows (``cdd_ray.data.parquet_rows.uses_object_store`` decides by
+size): its dataset materialized in Ray's object store, read whole on every pass (zero-copy) and
+filtered to the part; or the store's Parquet file, read by the worker itself, only the row groups
+and rows the part needs (``cdd_ray.data.parquet_rows.ParquetRows``).
 
 The frozen teacher's features can be cached for the rank's training rows (``fill_cache``) when they
 fit a budget (``cache_decision``); otherwise they are computed per step.
 
-Torch only: the source is any callable that returns an iterable of numpy batches with
-``sample_id``, ``image`` (uint8 (N, 3, S, S)) and ``domain``.
+Torch only: the source is any callable that takes the sample ids a pass wants and returns an
+iterable of numpy batches with ``sample_id``, ``image`` (uint8 (N, 3, S, S)) and ``domain`` that
+holds at least those rows (more are dropped).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ SHARD = "shard"
 HOLDOUT = "holdout"
 CHUNK = 64  # images per teacher forward when filling the cache or scoring a part in order
 
-Source = Callable[[], Iterable[dict[str, np.ndarray]]]
+Source = Callable[[frozenset[str]], Iterable[dict[str, np.ndarray]]]
 
 
 @dataclass
@@ -62,6 +65,25 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        return Batch(
+            self.sample_ids[start:stop],
+            self.images[start:stop],
+            self.domains[start:stop],
+            self.positions[start:stop],
+        )
+
+
+def _joined(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    return Batch(
+        [sid for part in parts for sid in part.sample_ids],
+        torch.cat([part.images for part in parts]),
+        torch.cat([part.domains for part in parts]),
+        torch.cat([part.positions for part in parts]),
+    )
 
 
 def batch_count(rows: int, batch_size: int) -> int:
@@ -82,7 +104,8 @@ class RankStream:
         window: int,
         block_rows: int = SOURCE_BATCH,
     ):
-        """``block_rows``: rows per block of ``source`` (spare room the window buffer starts with)."""
+        """``block_rows``: rows per block that reaches the window (the source's blocks are re-cut to
+        it; also the spare room the window buffer starts with)."""
         if window < 1:
             raise ValueError(f"data.shuffle_window must be at least 1 row, got {window}")
         self.source = source
@@ -104,20 +127,35 @@ class RankStream:
         return len(self.parts[part])
 
     def _chunks(self, members: frozenset[str]) -> Iterator[Batch]:
-        """The source's rows that ``members`` holds, block by block in source order."""
-        for block in self.source():
+        """The source's rows that ``members`` holds, in source order, in blocks of exactly
+        ``block_rows`` rows (the last one shorter), however the source cut its blocks."""
+        pending: list[Batch] = []
+        count = 0
+        for block in self.source(members):
             ids = [str(sid) for sid in block["sample_id"]]
             keep = np.fromiter((sid in members for sid in ids), dtype=bool, count=len(ids))
             if not keep.any():
                 continue
             chosen = np.flatnonzero(keep)
             kept = [ids[i] for i in chosen]
-            yield Batch(
-                kept,
-                torch.from_numpy(np.ascontiguousarray(block["image"][chosen])),
-                torch.from_numpy(np.asarray(block["domain"][chosen], dtype=np.int64)),
-                torch.as_tensor([self.index.get(sid, -1) for sid in kept], dtype=torch.int64),
+            pending.append(
+                Batch(
+                    kept,
+                    torch.from_numpy(np.ascontiguousarray(block["image"][chosen])),
+                    torch.from_numpy(np.asarray(block["domain"][chosen], dtype=np.int64)),
+                    torch.as_tensor([self.index.get(sid, -1) for sid in kept], dtype=torch.int64),
+                )
             )
+            count += len(kept)
+            if count >= self.block_rows:
+                rows = _joined(pending)
+                cut = count - count % self.block_rows
+                for start in range(0, cut, self.block_rows):
+                    yield rows.rows(start, start + self.block_rows)
+                pending = [rows.rows(cut, count)] if cut < count else []
+                count -= cut
+        if count:
+            yield _joined(pending)
 
     def shuffled(self, part: object, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """The batches of one pass over ``part``, window-shuffled with ``generator``."""

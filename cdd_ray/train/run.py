@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cdd_ray.config import Config, config_to_dict, method_label
 from cdd_ray.data.domains import HOLDOUT, PartitionError, assign_domains, domain_report, holdout_mask
+from cdd_ray.data.parquet_rows import decoded_mib, store_fingerprint, uses_object_store
 from cdd_ray.data.ray_data import embeddings, read_split
 from cdd_ray.data.sharding import rank_dataset_name, rank_rows
 from cdd_ray.data.store import SAMPLES_FILE, check_store, split_sample_ids, write_json
@@ -246,16 +247,36 @@ def partition_training_set(config: Config, store: Path) -> dict:
 
 def rank_datasets(config: Config, store: Path, manifest: dict) -> dict[str, ray.data.Dataset]:
     """One materialized dataset per rank (``train_<rank>``) with only the rows that rank reads
-    (``cdd_ray.data.sharding``), decoded once; the rows a shard and a domain share are stored once."""
+    (``cdd_ray.data.sharding``), decoded once; the rows a shard and a domain share are stored once.
+    A rank whose decoded rows exceed ``data.object_store_mb`` gets none: its worker reads its rows
+    from the Parquet store on every pass (``cdd_ray.data.parquet_rows``)."""
     world_size = max(1, config.ray.num_workers)
     assignment = manifest["assignment"]
     datasets = {}
     for rank in range(world_size):
-        rows = rank_rows(assignment, manifest["num_domains"], rank, world_size)
+        rows = rank_rows(assignment, manifest["num_domains"], rank, world_size).ids()
+        if not uses_object_store(len(rows), config.data.image_size, config.data.object_store_mb):
+            continue
         datasets[rank_dataset_name(rank)] = read_split(
-            store, "train", config.data.category, config.data.image_size, assignment, keep=rows.ids()
+            store, "train", config.data.category, config.data.image_size, assignment, keep=rows
         ).materialize()
     return datasets
+
+
+def data_path_lines(config: Config, store: Path, manifest: dict, datasets: dict) -> list[str]:
+    """What the console says of the ranks that read their rows from the Parquet store (none: no line)."""
+    world_size = max(1, config.ray.num_workers)
+    lines = []
+    for rank in range(world_size):
+        if rank_dataset_name(rank) in datasets:
+            continue
+        rows = len(rank_rows(manifest["assignment"], manifest["num_domains"], rank, world_size).ids())
+        lines.append(
+            f"worker {rank}: {rows} training images = {decoded_mib(rows, config.data.image_size):.1f} MiB "
+            f"decoded > data.object_store_mb={config.data.object_store_mb:g}; it reads them from "
+            f"{Path(store) / SAMPLES_FILE} on every pass"
+        )
+    return lines
 
 
 def check_sizes(config: Config, domains: np.ndarray, num_domains: int) -> None:
@@ -377,6 +398,8 @@ def _train(
     manifest = partition_training_set(config, store)
     write_json(run_dir / DOMAINS_FILE, manifest)
     datasets = rank_datasets(config, store, manifest)
+    for line in data_path_lines(config, store, manifest, datasets):
+        console.print(line)
     mark("data_ready")
 
     if fault is None and os.environ.get(FAULT_ENV):
@@ -384,6 +407,11 @@ def _train(
     loop_config = {
         "config": config_to_dict(config),
         "domain_manifest": manifest,
+        # ranks without a dataset read the Parquet store, checked against what was partitioned
+        "parquet_ranks": [
+            r for r in range(max(1, config.ray.num_workers)) if rank_dataset_name(r) not in datasets
+        ],
+        "store_fingerprint": store_fingerprint(store),
         "trace_dir": trace_dir,
         "fault": fault,
         "run_name": name,

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from cdd_ray.config import Config, config_from_dict, excluded_target_domains
+from cdd_ray.data.parquet_rows import ParquetRows
 from cdd_ray.data.sharding import rank_dataset_name, rank_rows
 from cdd_ray.data.store import split_sample_ids, write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
@@ -71,13 +72,25 @@ TEST_COLUMNS = ("sample_id", "category", "label", "defect_type", "image", "mask"
 
 
 def open_stream(config: Config, loop_config: dict, session) -> RankStream:
-    """This rank's dataset (``cdd_ray.data.sharding``), streamed block by block on every pass."""
+    """This rank's rows (``cdd_ray.data.sharding``), streamed block by block on every pass: from its
+    dataset in the object store, or, for the ranks the driver made none for (``parquet_ranks``,
+    ``data.object_store_mb``), from the Parquet store it partitioned."""
     manifest = loop_config["domain_manifest"]
     rows = rank_rows(manifest["assignment"], manifest["num_domains"], session.rank, session.world_size)
-    iterator = session.dataset(rank_dataset_name(session.rank))
+    if session.rank in loop_config["parquet_ranks"]:
+        source = ParquetRows(
+            Path(config.data.path),
+            config.data.category,
+            config.data.image_size,
+            manifest["assignment"],
+            rows.ids(),
+            loop_config["store_fingerprint"],
+        )
+    else:
+        iterator = session.dataset(rank_dataset_name(session.rank))
 
-    def source():
-        return iterator.iter_batches(batch_size=SOURCE_BATCH, batch_format="numpy", prefetch_batches=1)
+        def source(members: frozenset[str]):
+            return iterator.iter_batches(batch_size=SOURCE_BATCH, batch_format="numpy", prefetch_batches=1)
 
     return RankStream(source, rows, session.device, config.data.shuffle_window, SOURCE_BATCH)
 

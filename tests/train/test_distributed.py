@@ -131,7 +131,7 @@ def test_each_rank_dataset_holds_only_that_ranks_rows_once_in_file_order(ray_ses
 
     from cdd_ray.data.sharding import rank_dataset_name, rank_rows
     from cdd_ray.data.store import SAMPLES_FILE
-    from cdd_ray.train.run import partition_training_set, rank_datasets
+    from cdd_ray.train.run import data_path_lines, partition_training_set, rank_datasets
 
     overrides = {"train.num_domains": 3, "data.holdout_fraction": 0.2}
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
@@ -151,6 +151,17 @@ def test_each_rank_dataset_holds_only_that_ranks_rows_once_in_file_order(ray_ses
         assert batch["image"].dtype == np.uint8
         stored += len(ids)
     assert stored < 2 * len(manifest["assignment"])  # at most two copies whatever K
+    assert data_path_lines(config, tiny_store, manifest, datasets) == []
+
+    # over data.object_store_mb the driver materializes nothing; each worker reads the Parquet store
+    over = load_config(
+        None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides, **{"data.object_store_mb": 0})
+    )
+    assert rank_datasets(over, tiny_store, manifest) == {}
+    lines = data_path_lines(over, tiny_store, manifest, {})
+    assert len(lines) == 2 and all(
+        "data.object_store_mb=0" in line and SAMPLES_FILE in line for line in lines
+    )
 
 
 def test_k3_round_robin_on_two_workers_then_evaluate_and_predict(two_worker_run, tmp_path):

@@ -1,7 +1,8 @@
 """In-process runs (ray.num_workers=0) and memory-bank methods through the same driver as Ray Train.
 
 The in-process runner must be the same run as a Ray Train one, not a second implementation: a
-one-worker TorchTrainer run and an in-process run of the same config end with the same weights, and
+one-worker TorchTrainer run (reading its rows from the Parquet store) and an in-process run (from
+the object store) of the same config end with the same weights, and
 a memory bank gathered from two workers equals the one built in one process.
 """
 
@@ -29,8 +30,14 @@ def test_in_process_run_equals_a_one_worker_ray_train_run_and_resumes_in_process
 ):
     run = {"train.num_domains": 2, "train.schedule": "alternate", "train.epochs": 1, "optim.ema_decay": 0.5}
     in_process = config_for(tiny_store, tmp_path / "runs", name="here", **run, **{"ray.num_workers": 0})
+    # the Ray Train worker reads its rows from the Parquet store itself, the in-process run from its
+    # dataset in the object store: the same batches either way
     one_worker = config_for(
-        tiny_store, tmp_path / "runs", name="ray", **run, **{"ray.num_workers": 1, "ray.cpus_per_worker": 1}
+        tiny_store,
+        tmp_path / "runs",
+        name="ray",
+        **run,
+        **{"ray.num_workers": 1, "ray.cpus_per_worker": 1, "data.object_store_mb": 0},
     )
     here_dir, here_checkpoint, here_metrics = train(in_process)
     _, ray_checkpoint, _ = train(one_worker)

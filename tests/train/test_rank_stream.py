@@ -10,7 +10,7 @@ import torch
 
 from cdd_ray.data.sharding import rank_rows
 from cdd_ray.train.engine import batches
-from cdd_ray.train.rank_stream import SHARD, RankStream, batch_count, cache_decision
+from cdd_ray.train.rank_stream import HOLDOUT, SHARD, RankStream, batch_count, cache_decision
 
 SIZE = 4
 
@@ -29,7 +29,7 @@ def block_source(given, images, block: int, seed: int | None = None, seen: list 
     if seed is not None:
         random.Random(seed).shuffle(chunks)
 
-    def source():
+    def source(members=None):
         for chunk in chunks:
             if seen is not None:
                 seen.append(len(chunk))
@@ -75,7 +75,8 @@ def test_a_windowed_pass_sees_every_row_once_in_the_planned_number_of_batches(n,
 def test_a_windowed_pass_holds_about_a_window_before_its_first_batch():
     given, images = make_rows(400)
     seen: list[int] = []
-    stream = RankStream(block_source(given, images, 10, seen=seen), rank_rows(given, 2, 0, 1), "cpu", 40)
+    rows = rank_rows(given, 2, 0, 1)
+    stream = RankStream(block_source(given, images, 10, seen=seen), rows, "cpu", 40, block_rows=10)
     first = next(stream.shuffled(SHARD, 4, torch.Generator().manual_seed(0)))
     assert len(first) == 4 and sum(seen) <= 40 + 10
 
@@ -88,12 +89,41 @@ def test_the_same_seed_gives_the_same_batches_and_another_seed_others():
     assert run_pass(stream, SHARD, seed=3) != run_pass(stream, SHARD, seed=4)
 
 
+@pytest.mark.parametrize("window", [16, 64])
+def test_the_batches_do_not_depend_on_how_the_source_cuts_its_blocks(window):
+    given, images = make_rows(300, num_domains=2)
+    held = {sid: -1 for sid in list(given)[::7]}  # a held-out slice too
+    given.update(held)
+    rows = rank_rows(given, 2, 0, 2)  # rank 0 of 2: its shard, domain 0 and its held-out share
+    for part in (SHARD, 0, HOLDOUT):  # the source's blocks also hold the other parts' rows
+        passes = []
+        for block in (1, 7, 13, 300):
+            stream = RankStream(block_source(given, images, block), rows, "cpu", window, block_rows=10)
+            passes.append(run_pass(stream, part, batch_size=4, seed=5))
+        assert sorted(sid for b in passes[0] for sid in b) == sorted(stream.parts[part])
+        assert all(p == passes[0] for p in passes[1:]), part
+
+
+def test_the_source_is_asked_for_the_rows_of_the_part():
+    given, images = make_rows(30)
+    rows = rank_rows(given, 2, 0, 1)
+    asked = []
+
+    def source(members):
+        asked.append(members)
+        return block_source(given, images, 4)()
+
+    stream = RankStream(source, rows, "cpu", 64)
+    run_pass(stream, 1)
+    assert asked == [frozenset(rows.domains[1])]
+
+
 def test_ordered_gives_every_row_once_in_source_order():
     given, images = make_rows(50)
     stream = RankStream(block_source(given, images, 7, seed=1), rank_rows(given, 2, 0, 1), "cpu", 64)
     chunks = list(stream.ordered(0, size=4))
     assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 4, 1]
-    source_order = [str(s) for block in stream.source() for s in block["sample_id"] if given[str(s)] == 0]
+    source_order = [str(s) for block in stream.source(None) for s in block["sample_id"] if given[str(s)] == 0]
     assert [sid for c in chunks for sid in c.sample_ids] == source_order
 
 
