@@ -12,7 +12,9 @@ setting), with the mean over categories and the standard deviation over seeds as
 
 Example::
 
-    write_run_report(run_dir / "report.html", results, metrics, config, images_of)
+    curves = {}
+    metrics = summarize(results, fpr_limit=0.3, curves=curves)
+    write_run_report(run_dir / "report.html", results, metrics, "weave-cdd", 0.3, images_of, curves)
     write_grid_summary(grid_dir / "summary.html", trials_frame)
 """
 
@@ -57,7 +59,9 @@ def _embed(figure) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _curves(rows: dict[str, np.ndarray], metrics: dict, fpr_limit: float) -> str:
+def _curves(
+    rows: dict[str, np.ndarray], metrics: dict, fpr_limit: float, pro: tuple[np.ndarray, np.ndarray] | None
+) -> str:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = _pyplot()
@@ -73,9 +77,9 @@ def _curves(rows: dict[str, np.ndarray], metrics: dict, fpr_limit: float) -> str
         title=f"precision-recall (F1-max {metrics['image_f1_max']:.3f})", xlabel="recall", ylabel="precision"
     )
     if "aupro" in metrics:
-        pro_fpr, pro = pro_curve(rows["map"], (rows["mask"] > 0).astype(np.uint8))
+        pro_fpr, pro_values = pro or pro_curve(rows["map"], (rows["mask"] > 0).astype(np.uint8))
         inside = pro_fpr <= fpr_limit
-        axes[2].plot(pro_fpr[inside], pro[inside])
+        axes[2].plot(pro_fpr[inside], pro_values[inside])
         axes[2].set(
             title=f"PRO to FPR {fpr_limit:g} (AUPRO {metrics['aupro']:.3f})", xlabel="FPR", ylabel="PRO"
         )
@@ -126,8 +130,10 @@ def write_run_report(
     title: str,
     fpr_limit: float,
     images_of: Callable[[list[str]], np.ndarray],
+    pro_curves: dict | None = None,
 ) -> Path:
-    """report.html for one scored test set (``results`` as ``summarize`` takes them)."""
+    """report.html for one scored test set (``results`` as ``summarize`` takes them);
+    ``pro_curves``: the PRO curves ``summarize`` kept (category -> (fpr, pro)), else computed here."""
     parts = [f"<h1>{html.escape(title)}</h1>", _metrics_table(metrics)]
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in metrics.get("not_computed", [])]
     for category, values in metrics["per_category"].items():
@@ -139,7 +145,7 @@ def write_run_report(
         images = images_of([str(rows["sample_id"][i]) for i in order])
         parts += [
             f"<h2>{html.escape(category)}</h2>",
-            _curves(rows, values, fpr_limit),
+            _curves(rows, values, fpr_limit, (pro_curves or {}).get(category)),
             f"<h3>the {GALLERY} highest and {GALLERY} lowest scores: predicted region red, truth green</h3>",
             _gallery(rows, values, images, order),
         ]

@@ -23,8 +23,9 @@ from cdd_ray.evaluate.metrics import compute_metrics
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
 
 
-def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3) -> dict:
-    """``results`` holds category, label, score, map, mask arrays over the test set.
+def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3, curves: dict | None = None) -> dict:
+    """``results`` holds category, label, score, map, mask arrays over the test set. A ``curves``
+    dict receives each category's PRO curve (category -> (fpr, pro)) for the HTML report.
 
     A metric that cannot be computed (a category whose test set lacks normal or anomalous images,
     or anomalous images without any mask pixel) is left out, and ``not_computed`` says why."""
@@ -46,13 +47,17 @@ def summarize(results: dict[str, np.ndarray], fpr_limit: float = 0.3) -> dict:
         has_pixels = bool(results["mask"][rows].any())
         if not has_pixels:
             not_computed.append(f"{category}: no pixel metric, the anomalous test images have no mask pixels")
+        kept: dict = {}
         per_category[category] = compute_metrics(
             results["score"][rows],
             labels,
             results["map"][rows] if has_pixels else None,
             results["mask"][rows] if has_pixels else None,
             fpr_limit,
+            kept,
         )
+        if curves is not None and "pro" in kept:
+            curves[category] = kept["pro"]
     summary = mean_over_categories(per_category)
     summary["num_test_images"] = int(len(results["label"]))
     if not_computed:

@@ -94,7 +94,8 @@ def images_by_id(store: Path, category: str, image_size: int, sample_ids: list[s
 
 def write_evaluation(run_dir: Path, config: Config, results: dict[str, np.ndarray], checkpoint: str) -> dict:
     """metrics.json, report.html and overlays/ of a scored test set; returns the metrics."""
-    metrics = summarize(results, config.eval.fpr_limit)
+    curves: dict = {}
+    metrics = summarize(results, config.eval.fpr_limit, curves)
     metrics["checkpoint"] = checkpoint
     write_json(Path(run_dir) / METRICS_FILE, metrics)
     store = Path(config.data.path)
@@ -105,7 +106,7 @@ def write_evaluation(run_dir: Path, config: Config, results: dict[str, np.ndarra
     if config.eval.report:
         title = Path(run_dir).name
         write_run_report(
-            Path(run_dir) / REPORT_FILE, results, metrics, title, config.eval.fpr_limit, images_of
+            Path(run_dir) / REPORT_FILE, results, metrics, title, config.eval.fpr_limit, images_of, curves
         )
     # a fresh folder swapped in whole: no overlay of an earlier evaluation stays beside the new ones
     overlays = Path(run_dir) / "overlays"

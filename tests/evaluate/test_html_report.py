@@ -45,6 +45,28 @@ def test_run_report_is_one_self_contained_page_with_curves_histogram_table_and_g
     assert asked[:GALLERY] == [results["sample_id"][i] for i in ranked[:GALLERY]]
 
 
+def test_the_report_plots_the_pro_curve_summarize_kept_without_computing_it_again(tmp_path, monkeypatch):
+    import cdd_ray.evaluate.html_report as html_report
+    from cdd_ray.evaluate.metrics import aupro, aupro_of_curve, pro_curve
+
+    results = scored_set()
+    curves = {}
+    metrics = summarize(results, 0.3, curves)
+    assert set(curves) == {"weave"}
+    fpr, pro = curves["weave"]
+    expected = pro_curve(results["map"], results["mask"])
+    assert np.array_equal(fpr, expected[0]) and np.array_equal(pro, expected[1])
+    assert metrics["aupro"] == aupro(results["map"], results["mask"], 0.3) == aupro_of_curve(fpr, pro, 0.3)
+
+    def computed_again(*args):
+        raise AssertionError("the PRO curve was computed a second time")
+
+    monkeypatch.setattr(html_report, "pro_curve", computed_again)
+    images = np.random.default_rng(1).random((2 * GALLERY, 3, 16, 16))
+    write_run_report(tmp_path / "report.html", results, metrics, "weave-rd", 0.3, lambda ids: images, curves)
+    assert "AUPRO" in (tmp_path / "report.html").read_text()
+
+
 def test_grid_summary_plots_each_metric_against_noise_with_the_spread_over_seeds(tmp_path):
     rows = [
         {
