@@ -209,13 +209,21 @@ def stability_table(groups: dict, order: list, categories: list[str], metric: st
 
 
 def report(
-    paths: list[str], references: list[str], metric: str = "image_auroc", seeds: list[int] | None = None
+    paths: list[str],
+    references: list[str],
+    metric: str = "image_auroc",
+    seeds: list[int] | None = None,
+    noise: list[float] | None = None,
+    settings: list[str] | None = None,
 ) -> None:
-    """Tables of the cells in ``paths`` (only ``seeds`` when given)."""
+    """Tables of the cells in ``paths`` (only ``seeds``, ``noise`` ratios and ``settings`` when
+    given; the clean cells, noise 0, belong to every setting)."""
     rows = [
         json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()
     ]
     rows = [row for row in rows if seeds is None or row["seed"] in seeds]
+    rows = [row for row in rows if noise is None or any(abs(row["noise"] - n) < 1e-9 for n in noise)]
+    rows = [row for row in rows if settings is None or row["noise"] == 0 or row["setting"] in settings]
     if len({(row["size"], row["teacher"]) for row in rows}) > 1:  # files of several sizes or teachers
         for row in rows:
             row["method"] += f"@{row['size']}/{row['teacher'].removeprefix('tf_efficientnet_')}"
@@ -279,8 +287,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, nargs="+", help="results file (--report: one or more)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="names or name:key=value,...")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2])
+    parser.add_argument(
+        "--settings", nargs="+", choices=SETTINGS, help="default: all three; also filters --report when given"
+    )
+    parser.add_argument(
+        "--noise", type=float, nargs="+", help="default: 0 and 0.2; also filters --report when given"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="also filters --report")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--epochs", type=int, default=20)
@@ -311,12 +323,14 @@ def main() -> None:
     parser.add_argument("--metric", default="image_auroc", help="--report: metric of the detail tables")
     args = parser.parse_args()
     if args.report:
-        report(args.out, args.reference, args.metric, args.seeds)
-    elif len(args.out) != 1:
+        report(args.out, args.reference, args.metric, args.seeds, args.noise, args.settings)
+        return
+    args.settings = args.settings or list(SETTINGS)
+    args.noise = args.noise if args.noise is not None else [0.0, 0.2]
+    if len(args.out) != 1:
         parser.error("--out takes one results file when running")
-    else:
-        args.out = args.out[0]
-        run(args)
+    args.out = args.out[0]
+    run(args)
 
 
 if __name__ == "__main__":
