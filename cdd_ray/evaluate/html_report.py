@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from cdd_ray.data.store import write_atomic
-from cdd_ray.evaluate.metrics import pro_curve
 from cdd_ray.evaluate.report import METRIC_KEYS, SHORT_NAMES
 
 GALLERY = 4  # images at each end of the score ranking
@@ -62,6 +61,7 @@ def _embed(figure) -> str:
 def _curves(
     rows: dict[str, np.ndarray], metrics: dict, fpr_limit: float, pro: tuple[np.ndarray, np.ndarray] | None
 ) -> str:
+    """The four figures of one category; ``pro``: its PRO curve (None when it has no AUPRO)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = _pyplot()
@@ -77,7 +77,7 @@ def _curves(
         title=f"precision-recall (F1-max {metrics['image_f1_max']:.3f})", xlabel="recall", ylabel="precision"
     )
     if "aupro" in metrics:
-        pro_fpr, pro_values = pro or pro_curve(rows["map"], (rows["mask"] > 0).astype(np.uint8))
+        pro_fpr, pro_values = pro
         inside = pro_fpr <= fpr_limit
         axes[2].plot(pro_fpr[inside], pro_values[inside])
         axes[2].set(
@@ -130,10 +130,10 @@ def write_run_report(
     title: str,
     fpr_limit: float,
     images_of: Callable[[list[str]], np.ndarray],
-    pro_curves: dict | None = None,
+    pro_curves: dict,
 ) -> Path:
     """report.html for one scored test set (``results`` as ``summarize`` takes them);
-    ``pro_curves``: the PRO curves ``summarize`` kept (category -> (fpr, pro)), else computed here."""
+    ``pro_curves``: the PRO curves ``summarize`` kept (category -> (fpr, pro))."""
     parts = [f"<h1>{html.escape(title)}</h1>", _metrics_table(metrics)]
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in metrics.get("not_computed", [])]
     for category, values in metrics["per_category"].items():
@@ -145,7 +145,7 @@ def write_run_report(
         images = images_of([str(rows["sample_id"][i]) for i in order])
         parts += [
             f"<h2>{html.escape(category)}</h2>",
-            _curves(rows, values, fpr_limit, (pro_curves or {}).get(category)),
+            _curves(rows, values, fpr_limit, pro_curves.get(category)),
             f"<h3>the {GALLERY} highest and {GALLERY} lowest scores: predicted region red, truth green</h3>",
             _gallery(rows, values, images, order),
         ]

@@ -93,13 +93,13 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Area under the PRO curve up to ``fpr_limit``, divided by ``fpr_limit`` (in [0, 1])."""
-    if not 0 < fpr_limit <= 1:
-        raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
     return aupro_of_curve(*pro_curve(maps, masks), fpr_limit)
 
 
 def aupro_of_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """``aupro`` of a curve ``pro_curve`` returned (fpr_limit in (0, 1])."""
+    """``aupro`` of a curve ``pro_curve`` returned. Raises ValueError for ``fpr_limit`` outside (0, 1]."""
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
     fpr, pro = np.clip(fpr, 0.0, 1.0), np.clip(pro, 0.0, 1.0)
     inside = fpr <= fpr_limit
     x, y = fpr[inside], pro[inside]
@@ -132,8 +132,6 @@ def compute_metrics(
         pixel_labels = (np.asarray(masks) > 0).astype(np.uint8)
         result["pixel_auroc"] = auroc(maps, pixel_labels)
         result["pixel_f1_max"], result["pixel_threshold"] = f1_max_threshold(maps, pixel_labels)
-        if not 0 < fpr_limit <= 1:
-            raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
         curve = pro_curve(maps, pixel_labels)
         result["aupro"] = aupro_of_curve(*curve, fpr_limit)
         if curves is not None:

@@ -245,38 +245,37 @@ def partition_training_set(config: Config, store: Path) -> dict:
     }
 
 
-def rank_datasets(config: Config, store: Path, manifest: dict) -> dict[str, ray.data.Dataset]:
+def rank_datasets(
+    config: Config, store: Path, manifest: dict
+) -> tuple[dict[str, ray.data.Dataset], dict[int, int]]:
     """One materialized dataset per rank (``train_<rank>``) with only the rows that rank reads
     (``cdd_ray.data.sharding``), decoded once; the rows a shard and a domain share are stored once.
     A rank whose decoded rows exceed ``data.object_store_mb`` gets none: its worker reads its rows
-    from the Parquet store on every pass (``cdd_ray.data.parquet_rows``)."""
+    from the Parquet store on every pass (``cdd_ray.data.parquet_rows``). Returns the datasets and
+    those Parquet ranks with their row counts (rank -> rows)."""
     world_size = max(1, config.ray.num_workers)
     assignment = manifest["assignment"]
-    datasets = {}
+    datasets, parquet_ranks = {}, {}
     for rank in range(world_size):
         rows = rank_rows(assignment, manifest["num_domains"], rank, world_size).ids()
         if not uses_object_store(len(rows), config.data.image_size, config.data.object_store_mb):
+            parquet_ranks[rank] = len(rows)
             continue
         datasets[rank_dataset_name(rank)] = read_split(
             store, "train", config.data.category, config.data.image_size, assignment, keep=rows
         ).materialize()
-    return datasets
+    return datasets, parquet_ranks
 
 
-def data_path_lines(config: Config, store: Path, manifest: dict, datasets: dict) -> list[str]:
-    """What the console says of the ranks that read their rows from the Parquet store (none: no line)."""
-    world_size = max(1, config.ray.num_workers)
-    lines = []
-    for rank in range(world_size):
-        if rank_dataset_name(rank) in datasets:
-            continue
-        rows = len(rank_rows(manifest["assignment"], manifest["num_domains"], rank, world_size).ids())
-        lines.append(
-            f"worker {rank}: {rows} training images = {decoded_mib(rows, config.data.image_size):.1f} MiB "
-            f"decoded > data.object_store_mb={config.data.object_store_mb:g}; it reads them from "
-            f"{Path(store) / SAMPLES_FILE} on every pass"
-        )
-    return lines
+def data_path_lines(config: Config, store: Path, parquet_ranks: dict[int, int]) -> list[str]:
+    """What the console says of the ranks that read their rows from the Parquet store (rank -> rows,
+    as ``rank_datasets`` returns them; none: no line)."""
+    return [
+        f"worker {rank}: {rows} training images = {decoded_mib(rows, config.data.image_size):.1f} MiB "
+        f"decoded > data.object_store_mb={config.data.object_store_mb:g}; it reads them from "
+        f"{Path(store) / SAMPLES_FILE} on every pass"
+        for rank, rows in sorted(parquet_ranks.items())
+    ]
 
 
 def check_sizes(config: Config, domains: np.ndarray, num_domains: int) -> None:
@@ -397,8 +396,8 @@ def _train(
 
     manifest = partition_training_set(config, store)
     write_json(run_dir / DOMAINS_FILE, manifest)
-    datasets = rank_datasets(config, store, manifest)
-    for line in data_path_lines(config, store, manifest, datasets):
+    datasets, parquet_ranks = rank_datasets(config, store, manifest)
+    for line in data_path_lines(config, store, parquet_ranks):
         console.print(line)
     mark("data_ready")
 
@@ -408,10 +407,8 @@ def _train(
         "config": config_to_dict(config),
         "domain_manifest": manifest,
         # ranks without a dataset read the Parquet store, checked against what was partitioned
-        "parquet_ranks": [
-            r for r in range(max(1, config.ray.num_workers)) if rank_dataset_name(r) not in datasets
-        ],
-        "store_fingerprint": store_fingerprint(store),
+        "parquet_ranks": sorted(parquet_ranks),
+        "store_fingerprint": store_fingerprint(store) if parquet_ranks else None,
         "trace_dir": trace_dir,
         "fault": fault,
         "run_name": name,

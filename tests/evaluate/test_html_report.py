@@ -28,14 +28,15 @@ def scored_set(count: int = 12, size: int = 16) -> dict:
 
 def test_run_report_is_one_self_contained_page_with_curves_histogram_table_and_gallery(tmp_path):
     results = scored_set()
-    metrics = summarize(results)
+    curves = {}
+    metrics = summarize(results, 0.3, curves)
     asked = []
 
     def images_of(ids):
         asked.extend(ids)
         return np.random.default_rng(1).random((len(ids), 3, 16, 16))
 
-    path = write_run_report(tmp_path / "report.html", results, metrics, "weave-rd", 0.3, images_of)
+    path = write_run_report(tmp_path / "report.html", results, metrics, "weave-rd", 0.3, images_of, curves)
     page = path.read_text()
     assert page.startswith("<!doctype html>") and "weave-rd" in page
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{100,}">', page)) == 2
@@ -46,7 +47,7 @@ def test_run_report_is_one_self_contained_page_with_curves_histogram_table_and_g
 
 
 def test_the_report_plots_the_pro_curve_summarize_kept_without_computing_it_again(tmp_path, monkeypatch):
-    import cdd_ray.evaluate.html_report as html_report
+    import cdd_ray.evaluate.metrics as metrics_module
     from cdd_ray.evaluate.metrics import aupro, aupro_of_curve, pro_curve
 
     results = scored_set()
@@ -61,7 +62,7 @@ def test_the_report_plots_the_pro_curve_summarize_kept_without_computing_it_agai
     def computed_again(*args):
         raise AssertionError("the PRO curve was computed a second time")
 
-    monkeypatch.setattr(html_report, "pro_curve", computed_again)
+    monkeypatch.setattr(metrics_module, "pro_curve", computed_again)
     images = np.random.default_rng(1).random((2 * GALLERY, 3, 16, 16))
     write_run_report(tmp_path / "report.html", results, metrics, "weave-rd", 0.3, lambda ids: images, curves)
     assert "AUPRO" in (tmp_path / "report.html").read_text()

@@ -136,7 +136,8 @@ def test_each_rank_dataset_holds_only_that_ranks_rows_once_in_file_order(ray_ses
     overrides = {"train.num_domains": 3, "data.holdout_fraction": 0.2}
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
     manifest = partition_training_set(config, tiny_store)
-    datasets = rank_datasets(config, tiny_store, manifest)
+    datasets, parquet_ranks = rank_datasets(config, tiny_store, manifest)
+    assert parquet_ranks == {}
     assert set(datasets) == {rank_dataset_name(0), rank_dataset_name(1)}
     table = pq.read_table(tiny_store / SAMPLES_FILE, columns=["sample_id", "category", "split"])
     rows_in_file = table.to_pylist()
@@ -151,14 +152,16 @@ def test_each_rank_dataset_holds_only_that_ranks_rows_once_in_file_order(ray_ses
         assert batch["image"].dtype == np.uint8
         stored += len(ids)
     assert stored < 2 * len(manifest["assignment"])  # at most two copies whatever K
-    assert data_path_lines(config, tiny_store, manifest, datasets) == []
+    assert data_path_lines(config, tiny_store, parquet_ranks) == []
 
     # over data.object_store_mb the driver materializes nothing; each worker reads the Parquet store
     over = load_config(
         None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides, **{"data.object_store_mb": 0})
     )
-    assert rank_datasets(over, tiny_store, manifest) == {}
-    lines = data_path_lines(over, tiny_store, manifest, {})
+    skipped, parquet_ranks = rank_datasets(over, tiny_store, manifest)
+    assert skipped == {}
+    assert parquet_ranks == {r: len(rank_rows(manifest["assignment"], 3, r, 2).ids()) for r in (0, 1)}
+    lines = data_path_lines(over, tiny_store, parquet_ranks)
     assert len(lines) == 2 and all(
         "data.object_store_mb=0" in line and SAMPLES_FILE in line for line in lines
     )
