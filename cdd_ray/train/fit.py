@@ -2,8 +2,8 @@
 
 What benchmarks and tests use to compare methods on the same teacher, images and protocol without
 Ray's start-up; the Ray workers run the same steps (``CDDEngine``, ``build_memory_bank``) on their
-shards. Images: float32 (N, 3, S, S) in [0, 1]; ``sample_ids`` name them (partitions and the
-held-out slice are seeded functions of the ids, as in a Ray run).
+shards. Images: float32 (N, 3, S, S) in [0, 1], on the teacher's device (CPU or GPU); ``sample_ids``
+name them (partitions and the held-out slice are seeded functions of the ids, as in a Ray run).
 
 Example::
 
@@ -52,12 +52,9 @@ def partition(config: Config, teacher: Teacher, images: torch.Tensor, sample_ids
     vectors = None
     if config.train.num_domains > 1 and config.data.partition != "random":
         with torch.no_grad():
-            vectors = torch.cat(
-                [
-                    pooled_embedding(teacher(images[i : i + FEATURE_CHUNK]))
-                    for i in range(0, len(images), FEATURE_CHUNK)
-                ]
-            ).numpy()
+            chunks = range(0, len(images), FEATURE_CHUNK)
+            embedded = [pooled_embedding(teacher(images[i : i + FEATURE_CHUNK])) for i in chunks]
+            vectors = torch.cat(embedded).cpu().numpy()
     return assign_domains(
         sample_ids,
         config.data.partition,

@@ -39,6 +39,16 @@ def test_in_process_training_is_deterministic():
     assert all(torch.equal(a, runs[1][1][k]) for k, a in runs[0][1].items())
 
 
+def test_students_and_their_average_live_on_the_teachers_device():
+    """On a GPU the engine's students must follow the teacher (the EMA too, or its update mixes
+    devices); the meta device stands in for one here."""
+    teacher = random_teacher().to("meta")
+    spec = student_spec(teacher.channels, teacher.reductions)
+    engine = CDDEngine.create(teacher, spec, 2, ObjectiveConfig(), OptimConfig(ema_decay=0.99), seed=3)
+    students = [engine.global_student, engine.global_ema, *engine.domain_students.values()]
+    assert {p.device.type for s in students for p in s.parameters()} == {"meta"}
+
+
 def test_dst_step_touches_only_its_own_student_and_global_step_only_the_global_one():
     engine = make_engine(2)
     images = torch.rand(4, 3, 32, 32)
