@@ -38,7 +38,7 @@ from cdd_ray.config import load_config, method_label
 from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
-from cdd_ray.evaluate.metrics import compute_metrics
+from cdd_ray.evaluate.metrics import auroc, compute_metrics
 from cdd_ray.models.detector import score_in_batches
 from cdd_ray.models.teacher import TeacherConfig, build_teacher
 from cdd_ray.train.fit import fit_detector
@@ -104,10 +104,22 @@ def run_cell(teacher, teacher_config: TeacherConfig, store: Path, cell: dict, ar
     history = info.get("history") or []
     return {
         **{m: round(float(metrics[m]), 4) for m in METRICS},
+        "image_auroc_by_defect": by_defect(scores.numpy(), test["labels"], test["defect_types"]),
         "label": method_label(config),
         "final_loss": history[-1].get("loss_global") if history else None,
         "injected_in_train": int(train["injected"].sum()),
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def by_defect(scores: np.ndarray, labels: np.ndarray, defect_types: np.ndarray) -> dict[str, float]:
+    """Image AUROC of each defect type against every normal test image (which defects a method misses)."""
+    normal = labels == 0
+    return {
+        str(kind): round(
+            auroc(scores[normal | (defect_types == kind)], labels[normal | (defect_types == kind)]), 4
+        )
+        for kind in sorted(set(defect_types[labels == 1].tolist()))
     }
 
 
@@ -211,6 +223,25 @@ def stability_table(groups: dict, order: list, categories: list[str], metric: st
             )
 
 
+def defect_table(groups: dict, order: list, categories: list[str]) -> None:
+    """Image AUROC per defect type (against all normal test images), mean over seeds, for the rows
+    that carry it (cells run since it was added)."""
+    kinds = sorted({k for rows in groups.values() for r in rows for k in r.get("image_auroc_by_defect", {})})
+    if not kinds:
+        return
+    print("\nImage AUROC per defect type, mean over seeds\n")
+    print("| setting | noise | method | category | " + " | ".join(kinds) + " |")
+    print("|---|---:|---|---|" + "---:|" * len(kinds))
+    for group in order:
+        for category in categories:
+            rows = [r for r in groups[group] if r["category"] == category and "image_auroc_by_defect" in r]
+            if not rows:
+                continue
+            values = [[r["image_auroc_by_defect"].get(k) for r in rows] for k in kinds]
+            cells = [f"{np.mean(v):.3f}" if None not in v else "-" for v in values]
+            print(f"| {group[0]} | {group[1]:g} | {group[2]} | {category} | " + " | ".join(cells) + " |")
+
+
 def report(
     paths: list[str],
     references: list[str],
@@ -268,6 +299,7 @@ def report(
             values.append(f"{mean_std(xs)} ({min(xs):.3f})" if xs else "-")
         print(f"| {group[0]} | {group[1]:g} | {group[2]} | " + " | ".join(values) + " |")
     stability_table(groups, order, categories, metric)
+    defect_table(groups, order, categories)
     by_cell = {(r["setting"], r["noise"], r["category"], r["seed"], r["method"]): r for r in rows}
     methods = sorted({r["method"] for r in rows})
     for reference in references:

@@ -44,6 +44,7 @@ def load(store: Path, category: str, split: str, size: int) -> dict:
         "labels": np.asarray(table["label"].to_pylist()),
         "masks": decode_masks(table["mask"].to_pylist(), ids, size),
         "injected": np.asarray(table["injected"].to_pylist()),
+        "defect_types": np.asarray(table["defect_type"].to_pylist()),
     }
 
 

@@ -5,9 +5,12 @@ ground-truth mask is one region; at a threshold, PRO is the mean over regions of
 region's pixels above it, FPR is the share of all normal pixels of the set above it. The PRO(FPR)
 curve is integrated up to ``fpr_limit`` (0.3) and divided by it, so a perfect detector scores 1.
 
-Exactness without a threshold loop: pixels are sorted by score once; walking down that order, each
-normal pixel adds 1/N_normal to FPR and each pixel of region r adds 1/(|r| * R) to PRO, and the
-curve is read at the last pixel of every group of tied scores (every distinct threshold).
+Exactness without a threshold loop: pixels are sorted by score once (``Ranking``); walking down
+that order, each normal pixel adds 1/N_normal to FPR and each pixel of region r adds 1/(|r| * R)
+to PRO, and the curve is read at the last pixel of every group of tied scores (every distinct
+threshold). Pixel AUROC and F1-max read their true and false positive counts from the same order
+(the same points and trapezoids as scikit-learn's ``roc_auc_score`` and ``precision_recall_curve``,
+which sorted the pixel scores twice more).
 
 Example::
 
@@ -27,29 +30,67 @@ def _check_binary(labels: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} needs both normal (0) and anomalous (1) samples, got {present.tolist()}")
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score  # here: sklearn costs ~1-2 s to import
+class Ranking:
+    """Scores sorted once from the highest down; every curve below is read from this order.
 
+    ``order`` (M,) sorts the flattened scores descending; ``last_of_tie`` (M,) is True at the last
+    position of every group of tied scores (the curves' points: one per distinct threshold);
+    ``thresholds`` are those distinct scores, descending. Raises ValueError for NaN or infinite
+    scores (they have no rank)."""
+
+    def __init__(self, scores: np.ndarray):
+        flat = np.asarray(scores).ravel()
+        if not np.isfinite(flat).all():
+            raise ValueError("scores contain NaN or infinite values")
+        self.order = np.argsort(flat)[::-1]  # the order inside a tie does not matter
+        ranked = flat[self.order]
+        self.last_of_tie = np.append(ranked[1:] != ranked[:-1], True)
+        self.thresholds = ranked[self.last_of_tie]
+
+    def counts(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """True and false positives (float64) at every distinct threshold, a score >= it counting as
+        anomalous; ``labels`` (same shape as the scores) 1 = anomalous."""
+        labels = np.asarray(labels).ravel()
+        if labels.size != self.order.size:
+            raise ValueError(f"{labels.size} labels for {self.order.size} scores")
+        positives = labels[self.order].astype(np.float64)
+        tp = np.cumsum(positives)[self.last_of_tie]
+        return tp, np.arange(1, len(positives) + 1, dtype=np.float64)[self.last_of_tie] - tp
+
+
+def _binary(labels: np.ndarray, what: str) -> np.ndarray:
     labels = np.asarray(labels).ravel().astype(np.int64)
-    _check_binary(labels, "AUROC")
-    return float(roc_auc_score(labels, np.asarray(scores).ravel()))
+    _check_binary(labels, what)
+    return labels
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray, ranking: Ranking | None = None) -> float:
+    """Area under the ROC curve (trapezoids between the points of every distinct threshold, as
+    scikit-learn's ``roc_auc_score``). ``ranking``: the scores' ``Ranking`` when already made."""
+    labels = _binary(labels, "AUROC")
+    tp, fp = (ranking or Ranking(scores)).counts(labels)
+    tpr = np.concatenate([[0.0], tp / tp[-1]])
+    fpr = np.concatenate([[0.0], fp / fp[-1]])
+    return float(np.trapezoid(tpr, fpr))
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     return f1_max_threshold(scores, labels)[0]
 
 
-def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+def f1_max_threshold(
+    scores: np.ndarray, labels: np.ndarray, ranking: Ranking | None = None
+) -> tuple[float, float]:
     """The largest F1 over all thresholds, and the threshold that gives it (a score counts as
-    anomalous when it is >= the threshold)."""
-    from sklearn.metrics import precision_recall_curve
-
-    labels = np.asarray(labels).ravel().astype(np.int64)
-    _check_binary(labels, "F1-max")
-    precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores).ravel())
+    anomalous when it is >= the threshold; of equal F1s, the lowest threshold, as scikit-learn's
+    ``precision_recall_curve`` orders them)."""
+    labels = _binary(labels, "F1-max")
+    ranking = ranking or Ranking(scores)
+    tp, fp = ranking.counts(labels)
+    precision, recall = tp / (tp + fp), tp / tp[-1]
     f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
-    best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
-    return float(f1[best]), float(thresholds[best])
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))
+    return float(f1[best]), float(ranking.thresholds[best])
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -65,8 +106,11 @@ def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return regions, total
 
 
-def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FPR and PRO at every distinct threshold, from the highest score down, starting at (0, 0)."""
+def pro_curve(
+    maps: np.ndarray, masks: np.ndarray, ranking: Ranking | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """FPR and PRO at every distinct threshold, from the highest score down, starting at (0, 0).
+    ``ranking``: the maps' ``Ranking`` when already made."""
     maps = np.asarray(maps)
     masks = np.asarray(masks)
     if maps.shape != masks.shape or maps.ndim != 3:
@@ -81,14 +125,12 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     region_sizes = np.bincount(region_ids, minlength=region_count + 1).astype(np.float64)
     pro_weight = np.zeros(region_count + 1)
     pro_weight[1:] = 1.0 / (region_sizes[1:] * region_count)
-    scores = maps.ravel()
-    order = np.argsort(scores)[::-1]  # descending; the order inside a tie does not matter
-    sorted_scores = scores[order]
-    sorted_regions = region_ids[order]
+    ranking = ranking or Ranking(maps)
+    sorted_regions = region_ids[ranking.order]
     fpr = np.cumsum(sorted_regions == 0) / normal_count
     pro = np.cumsum(pro_weight[sorted_regions])
-    last_of_tie = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
-    return np.concatenate([[0.0], fpr[last_of_tie]]), np.concatenate([[0.0], pro[last_of_tie]])
+    ends = ranking.last_of_tie
+    return np.concatenate([[0.0], fpr[ends]]), np.concatenate([[0.0], pro[ends]])
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
@@ -130,9 +172,10 @@ def compute_metrics(
     }
     if maps is not None and masks is not None:
         pixel_labels = (np.asarray(masks) > 0).astype(np.uint8)
-        result["pixel_auroc"] = auroc(maps, pixel_labels)
-        result["pixel_f1_max"], result["pixel_threshold"] = f1_max_threshold(maps, pixel_labels)
-        curve = pro_curve(maps, pixel_labels)
+        ranking = Ranking(maps)  # one sort of the pixel scores for the three pixel metrics
+        result["pixel_auroc"] = auroc(maps, pixel_labels, ranking)
+        result["pixel_f1_max"], result["pixel_threshold"] = f1_max_threshold(maps, pixel_labels, ranking)
+        curve = pro_curve(maps, pixel_labels, ranking)
         result["aupro"] = aupro_of_curve(*curve, fpr_limit)
         if curves is not None:
             curves["pro"] = curve

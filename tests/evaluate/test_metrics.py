@@ -103,6 +103,32 @@ def test_auroc_and_f1_max():
         auroc(scores, np.ones(200))
 
 
+@pytest.mark.parametrize("levels", [None, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_pixel_metrics_from_one_sort_match_scikit_learn(seed, levels):
+    from sklearn.metrics import precision_recall_curve
+
+    maps, masks = random_case(seed, n=6, size=32, levels=levels)
+    maps = maps.astype(np.float32)  # as the detectors give them
+    result = compute_metrics(maps.reshape(6, -1).max(1), np.r_[1, 0, 1, 0, 1, 0], maps, masks)
+    labels, scores = masks.ravel(), maps.ravel()
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
+    best = int(np.argmax(f1[:-1]))
+    assert result["pixel_f1_max"] == pytest.approx(f1[best], abs=1e-12)
+    assert result["pixel_threshold"] == thresholds[best]
+    assert result["aupro"] == pytest.approx(reference_aupro(maps, masks), abs=2e-4)
+
+
+def test_scores_without_a_rank_or_labels_of_another_length_are_refused():
+    scores, labels = np.array([0.1, np.nan, 0.3]), np.array([0, 1, 1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        auroc(scores, labels)
+    with pytest.raises(ValueError, match="2 labels for 3 scores"):
+        f1_max_threshold(np.array([0.1, 0.2, 0.3]), np.array([0, 1]))
+
+
 def test_compute_metrics_keys():
     maps, masks = random_case(1)
     labels = masks.reshape(len(masks), -1).max(1)
