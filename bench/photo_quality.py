@@ -229,7 +229,10 @@ def defect_table(groups: dict, order: list, categories: list[str]) -> None:
     kinds = sorted({k for rows in groups.values() for r in rows for k in r.get("image_auroc_by_defect", {})})
     if not kinds:
         return
-    print("\nImage AUROC per defect type, mean over seeds\n")
+    print(
+        "\nImage AUROC per defect type (its anomalous test images against all normal ones), "
+        "mean (std) over seeds\n"
+    )
     print("| setting | noise | method | category | " + " | ".join(kinds) + " |")
     print("|---|---:|---|---|" + "---:|" * len(kinds))
     for group in order:
@@ -238,7 +241,10 @@ def defect_table(groups: dict, order: list, categories: list[str]) -> None:
             if not rows:
                 continue
             values = [[r["image_auroc_by_defect"].get(k) for r in rows] for k in kinds]
-            cells = [f"{np.mean(v):.3f}" if None not in v else "-" for v in values]
+            cells = [
+                f"{np.mean(v):.3f} ({np.std(v, ddof=1) if len(v) > 1 else 0:.3f})" if None not in v else "-"
+                for v in values
+            ]
             print(f"| {group[0]} | {group[1]:g} | {group[2]} | {category} | " + " | ".join(cells) + " |")
 
 

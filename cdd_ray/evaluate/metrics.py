@@ -35,27 +35,33 @@ class Ranking:
 
     ``order`` (M,) sorts the flattened scores descending; ``last_of_tie`` (M,) is True at the last
     position of every group of tied scores (the curves' points: one per distinct threshold);
-    ``thresholds`` are those distinct scores, descending. Raises ValueError for NaN or infinite
-    scores (they have no rank)."""
+    ``thresholds`` are those distinct scores, descending. ``what`` names the scores in errors.
+    Raises ValueError for no scores, and for NaN (it has no rank) or infinite scores (refused as
+    scikit-learn refuses them; ``pro_curve`` accepted infinities before it used this class)."""
 
-    def __init__(self, scores: np.ndarray):
+    def __init__(self, scores: np.ndarray, what: str = "scores"):
         flat = np.asarray(scores).ravel()
-        if not np.isfinite(flat).all():
-            raise ValueError("scores contain NaN or infinite values")
+        if flat.size == 0:
+            raise ValueError(f"{what}: no values to rank")
+        bad = int(flat.size - np.isfinite(flat).sum())
+        if bad:
+            raise ValueError(f"{what}: {bad} of {flat.size} values are NaN or infinite")
+        self.what = what
+        self.size = flat.size
         self.order = np.argsort(flat)[::-1]  # the order inside a tie does not matter
         ranked = flat[self.order]
         self.last_of_tie = np.append(ranked[1:] != ranked[:-1], True)
         self.thresholds = ranked[self.last_of_tie]
 
     def counts(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """True and false positives (float64) at every distinct threshold, a score >= it counting as
-        anomalous; ``labels`` (same shape as the scores) 1 = anomalous."""
+        """True and false positives (float64, one per distinct threshold) when a score >= the
+        threshold counts as anomalous; ``labels``: 0/1 integers, one per score, 1 = anomalous."""
         labels = np.asarray(labels).ravel()
-        if labels.size != self.order.size:
-            raise ValueError(f"{labels.size} labels for {self.order.size} scores")
-        positives = labels[self.order].astype(np.float64)
-        tp = np.cumsum(positives)[self.last_of_tie]
-        return tp, np.arange(1, len(positives) + 1, dtype=np.float64)[self.last_of_tie] - tp
+        if labels.size != self.size:
+            raise ValueError(f"{labels.size} labels for {self.size} {self.what}")
+        ends = np.flatnonzero(self.last_of_tie)
+        tp = np.cumsum(labels[self.order], dtype=np.int64)[ends]
+        return tp.astype(np.float64), (ends + 1 - tp).astype(np.float64)
 
 
 def _binary(labels: np.ndarray, what: str) -> np.ndarray:
@@ -64,11 +70,15 @@ def _binary(labels: np.ndarray, what: str) -> np.ndarray:
     return labels
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray, ranking: Ranking | None = None) -> float:
-    """Area under the ROC curve (trapezoids between the points of every distinct threshold, as
-    scikit-learn's ``roc_auc_score``). ``ranking``: the scores' ``Ranking`` when already made."""
-    labels = _binary(labels, "AUROC")
-    tp, fp = (ranking or Ranking(scores)).counts(labels)
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: trapezoids between the points of every distinct threshold, as
+    scikit-learn's ``roc_auc_score`` computes it. ``scores`` and ``labels`` (0/1) of any equal size."""
+    return auroc_of(Ranking(scores), labels)
+
+
+def auroc_of(ranking: Ranking, labels: np.ndarray) -> float:
+    """``auroc`` of scores already ranked (``compute_metrics`` ranks the pixel scores once)."""
+    tp, fp = ranking.counts(_binary(labels, "AUROC"))
     tpr = np.concatenate([[0.0], tp / tp[-1]])
     fpr = np.concatenate([[0.0], fp / fp[-1]])
     return float(np.trapezoid(tpr, fpr))
@@ -78,15 +88,16 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     return f1_max_threshold(scores, labels)[0]
 
 
-def f1_max_threshold(
-    scores: np.ndarray, labels: np.ndarray, ranking: Ranking | None = None
-) -> tuple[float, float]:
+def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The largest F1 over all thresholds, and the threshold that gives it (a score counts as
     anomalous when it is >= the threshold; of equal F1s, the lowest threshold, as scikit-learn's
     ``precision_recall_curve`` orders them)."""
-    labels = _binary(labels, "F1-max")
-    ranking = ranking or Ranking(scores)
-    tp, fp = ranking.counts(labels)
+    return f1_max_of(Ranking(scores), labels)
+
+
+def f1_max_of(ranking: Ranking, labels: np.ndarray) -> tuple[float, float]:
+    """``f1_max_threshold`` of scores already ranked."""
+    tp, fp = ranking.counts(_binary(labels, "F1-max"))
     precision, recall = tp / (tp + fp), tp / tp[-1]
     f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))
@@ -110,7 +121,7 @@ def pro_curve(
     maps: np.ndarray, masks: np.ndarray, ranking: Ranking | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """FPR and PRO at every distinct threshold, from the highest score down, starting at (0, 0).
-    ``ranking``: the maps' ``Ranking`` when already made."""
+    ``ranking``: the maps' ``Ranking`` when already made (of the same number of pixels)."""
     maps = np.asarray(maps)
     masks = np.asarray(masks)
     if maps.shape != masks.shape or maps.ndim != 3:
@@ -125,7 +136,9 @@ def pro_curve(
     region_sizes = np.bincount(region_ids, minlength=region_count + 1).astype(np.float64)
     pro_weight = np.zeros(region_count + 1)
     pro_weight[1:] = 1.0 / (region_sizes[1:] * region_count)
-    ranking = ranking or Ranking(maps)
+    ranking = ranking or Ranking(maps, "anomaly maps")
+    if ranking.size != maps.size:
+        raise ValueError(f"a ranking of {ranking.size} scores for maps of {maps.size} pixels")
     sorted_regions = region_ids[ranking.order]
     fpr = np.cumsum(sorted_regions == 0) / normal_count
     pro = np.cumsum(pro_weight[sorted_regions])
@@ -164,17 +177,18 @@ def compute_metrics(
     thresholds (``image_threshold``, ``pixel_threshold``, in the scores' own units: a run's decision
     thresholds). A ``curves`` dict receives the PRO curve (``"pro"``: (fpr, pro)) for a report to
     plot without computing it again."""
-    image_f1, image_threshold = f1_max_threshold(image_scores, image_labels)
+    image_ranking = Ranking(image_scores, "image scores")
+    image_f1, image_threshold = f1_max_of(image_ranking, image_labels)
     result = {
-        "image_auroc": auroc(image_scores, image_labels),
+        "image_auroc": auroc_of(image_ranking, image_labels),
         "image_f1_max": image_f1,
         "image_threshold": image_threshold,
     }
     if maps is not None and masks is not None:
         pixel_labels = (np.asarray(masks) > 0).astype(np.uint8)
-        ranking = Ranking(maps)  # one sort of the pixel scores for the three pixel metrics
-        result["pixel_auroc"] = auroc(maps, pixel_labels, ranking)
-        result["pixel_f1_max"], result["pixel_threshold"] = f1_max_threshold(maps, pixel_labels, ranking)
+        ranking = Ranking(maps, "anomaly maps")  # one sort of the pixel scores for all three
+        result["pixel_auroc"] = auroc_of(ranking, pixel_labels)
+        result["pixel_f1_max"], result["pixel_threshold"] = f1_max_of(ranking, pixel_labels)
         curve = pro_curve(maps, pixel_labels, ranking)
         result["aupro"] = aupro_of_curve(*curve, fpr_limit)
         if curves is not None:

@@ -3,7 +3,15 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from cdd_ray.evaluate.metrics import aupro, auroc, compute_metrics, f1_max, f1_max_threshold
+from cdd_ray.evaluate.metrics import (
+    Ranking,
+    aupro,
+    auroc,
+    compute_metrics,
+    f1_max,
+    f1_max_threshold,
+    pro_curve,
+)
 
 
 def reference_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
@@ -123,10 +131,18 @@ def test_pixel_metrics_from_one_sort_match_scikit_learn(seed, levels):
 
 def test_scores_without_a_rank_or_labels_of_another_length_are_refused():
     scores, labels = np.array([0.1, np.nan, 0.3]), np.array([0, 1, 1])
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match="scores: 1 of 3 values are NaN or infinite"):
         auroc(scores, labels)
     with pytest.raises(ValueError, match="2 labels for 3 scores"):
         f1_max_threshold(np.array([0.1, 0.2, 0.3]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="no values"):
+        auroc(np.array([]), np.array([]))
+    maps, masks = random_case(0)
+    maps[1, 3, 4] = np.inf
+    with pytest.raises(ValueError, match="anomaly maps: 1 of"):
+        compute_metrics(np.r_[1.0, 0, 1, 0], np.r_[1, 0, 1, 0], maps, masks)
+    with pytest.raises(ValueError, match="a ranking of 3 scores for maps of"):
+        pro_curve(maps, masks, Ranking(np.array([0.1, 0.2, 0.3])))
 
 
 def test_compute_metrics_keys():
