@@ -11,6 +11,11 @@ several anomaly-map variants, side by side, so differences come from the scoring
 - ``pool``: local aggregation of teacher and student features before the cosine distance (a k x k
   mean, stride 1, as PatchCore aggregates a patch's neighbourhood; 1 = none, RD4AD's). Variants
   with pool > 1 are named ``...-p{k}``.
+- ``distance`` (``--distances``): ``cos`` (1 - cosine, RD4AD's; blind to a change of a feature's
+  length), ``l2`` (the Euclidean distance, which sees it; PatchCore's metric), or ``cosl2`` (both
+  added). Every level's l2 and cos maps are divided by their mean over the training images, so the
+  levels and the two distances weigh alike (training statistics only). Variants other than ``cos``
+  are named ``...-d{distance}``.
 
 Run: .venv/bin/python bench/rd_scoring.py --out bench_out/rd_scoring.jsonl --seeds 0 1 2
      .venv/bin/python bench/rd_scoring.py --out bench_out/rd_scoring.jsonl --report
@@ -53,11 +58,20 @@ def pooled(features: torch.Tensor, pool: int) -> torch.Tensor:
     return F.avg_pool2d(features, pool, stride=1, padding=pool // 2, count_include_pad=False)
 
 
-def distances(detector, images: torch.Tensor, pools: list[int]) -> dict[int, list[torch.Tensor]]:
-    """Per pooling size, per level (1 - cosine) maps upsampled to the image, (N, H, W) each;
+def level_distance(t: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, 1, h, w): 1 - cosine (``cos``) or the Euclidean distance (``l2``) over channels."""
+    if kind == "cos":
+        return 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
+    return (t - s).norm(dim=1, keepdim=True)
+
+
+def distances(
+    detector, images: torch.Tensor, pools: list[int], kinds: tuple[str, ...] = ("cos",)
+) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """Per (pooling size, distance kind), per level maps upsampled to the image, (N, H, W) each;
     features averaged over ``pool`` x ``pool`` neighbourhoods first when pool > 1. One forward pass
-    of teacher and student serves every pooling size."""
-    out: dict[int, list[list[torch.Tensor]]] = {pool: [[], [], []] for pool in pools}
+    of teacher and student serves every variant."""
+    out = {(pool, kind): [[], [], []] for pool in pools for kind in kinds}
     with torch.no_grad():
         detector.student.eval()
         for start in range(0, len(images), 16):
@@ -65,11 +79,35 @@ def distances(detector, images: torch.Tensor, pools: list[int]) -> dict[int, lis
             teacher = detector.teacher(batch)
             student = detector.student(teacher)
             for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
-                for pool in pools:
-                    d = 1.0 - F.cosine_similarity(pooled(t, pool), pooled(s, pool), dim=1).unsqueeze(1)
+                for pool, kind in out:
+                    d = level_distance(pooled(t, pool), pooled(s, pool), kind)
                     d = F.interpolate(d, size=batch.shape[-2:], mode="bilinear").squeeze(1)
-                    out[pool][level].append(d)
-    return {pool: [torch.cat(level) for level in levels] for pool, levels in out.items()}
+                    out[(pool, kind)][level].append(d)
+    return {key: [torch.cat(level) for level in levels] for key, levels in out.items()}
+
+
+def distance_maps(detector, train, test, pools: list[int], kinds: list[str]) -> dict:
+    """Per (pool, distance): per level test maps; ``l2`` and ``cosl2`` maps divided per level by the
+    level's mean over the training images (``cos`` as RD4AD, unscaled)."""
+    raw = set(kinds) - {"cosl2"} | ({"cos", "l2"} if "cosl2" in kinds else set())
+    test_maps = distances(detector, test, pools, tuple(sorted(raw)))
+    train_maps = distances(detector, train, pools, tuple(sorted(raw)))
+
+    def scaled(pool: int, kind: str) -> list[torch.Tensor]:
+        means = [level.mean() for level in train_maps[(pool, kind)]]
+        return [level / mean for level, mean in zip(test_maps[(pool, kind)], means, strict=True)]
+
+    out = {}
+    for pool in pools:
+        for kind in kinds:
+            if kind == "cos":
+                out[(pool, kind)] = test_maps[(pool, "cos")]
+            elif kind == "l2":
+                out[(pool, kind)] = scaled(pool, "l2")
+            else:
+                pairs = zip(scaled(pool, "cos"), scaled(pool, "l2"), strict=True)
+                out[(pool, kind)] = [a + b for a, b in pairs]
+    return out
 
 
 def image_score(maps: torch.Tensor, kind: str) -> torch.Tensor:
@@ -80,14 +118,18 @@ def image_score(maps: torch.Tensor, kind: str) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def pools_suffix(pools: list[int]) -> str:
-    """Key suffix of a run that scored pooled variants too (none for the default, no pooling)."""
-    return "" if pools == [1] else "|pools" + "-".join(map(str, pools))
+def pools_suffix(pools: list[int], kinds: list[str] | None = None) -> str:
+    """Key suffix of a run that scored pooled variants or other distances too (none for the
+    default: no pooling, cosine only)."""
+    suffix = "" if pools == [1] else "|pools" + "-".join(map(str, pools))
+    return suffix + ("" if not kinds or kinds == ["cos"] else "|d" + "-".join(kinds))
 
 
 def run(args) -> None:
     if 1 not in args.pools or any(k < 1 or k % 2 == 0 for k in args.pools):
         raise SystemExit(f"--pools {args.pools}: odd sizes >= 1, including 1 (the default scoring)")
+    if "cos" not in args.distances or "123" not in args.levels or 4.0 not in args.sigmas:
+        raise SystemExit("--distances, --levels, --sigmas must include the default (cos, 123, 4)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
@@ -97,7 +139,9 @@ def run(args) -> None:
     teacher_config = TeacherConfig()
     teacher = build_teacher(teacher_config)
     for seed, category, method in product(args.seeds, args.categories, args.methods):
-        key = f"{args.setting}|{args.noise}|{seed}|{category}|{method}" + pools_suffix(args.pools)
+        key = f"{args.setting}|{args.noise}|{seed}|{category}|{method}" + pools_suffix(
+            args.pools, args.distances
+        )
         if key in done:
             continue
         store = store_for(tree, Path(args.work), args.setting, args.noise, seed)
@@ -106,14 +150,18 @@ def run(args) -> None:
         test = load(store, category, "test", 128)
         started = time.perf_counter()
         detector, _ = fit_detector(config, teacher, train["images"], train["ids"])
-        per_pool = distances(detector, test["images"], args.pools)
+        per_pool = distance_maps(detector, train["images"], test["images"], args.pools, args.distances)
         row = {"key": key, "setting": args.setting, "noise": args.noise, "seed": seed, "category": category}
         row |= {"method": method, "seconds": round(time.perf_counter() - started, 1), "pools": args.pools}
-        for pool, (name, chosen), kind, sigma in product(args.pools, LEVELS.items(), SCORES, SIGMAS):
-            maps = gaussian_blur(sum(per_pool[pool][i] for i in chosen), sigma)
+        levels = {name: LEVELS[name] for name in args.levels}
+        for (pool, distance), (name, chosen), kind, sigma in product(
+            per_pool, levels.items(), SCORES, args.sigmas
+        ):
+            maps = gaussian_blur(sum(per_pool[(pool, distance)][i] for i in chosen), sigma)
             scores = image_score(maps, kind)
             metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
             variant = f"L{name}-{kind}-s{sigma:g}" + (f"-p{pool}" if pool > 1 else "")
+            variant += "" if distance == "cos" else f"-d{distance}"
             row[variant] = {m: round(float(metrics[m]), 4) for m in ("image_auroc", "pixel_auroc")}
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -166,6 +214,11 @@ def main() -> None:
     parser.add_argument("--work", default="bench_out/photo_stores")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pools", type=int, nargs="+", default=[1], help="feature pooling sizes (odd)")
+    parser.add_argument(
+        "--distances", nargs="+", default=["cos"], choices=["cos", "l2", "cosl2"], help="include cos"
+    )
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    parser.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     report(args) if args.report else run(args)
