@@ -47,13 +47,10 @@ def measure(step, steps: int, images: int, device: torch.device) -> float:
     return steps * images / (time.perf_counter() - started)
 
 
-def engine_for(teacher, backbone: str, k: int, device: torch.device) -> CDDEngine:
+def engine_for(teacher, backbone: str, k: int) -> CDDEngine:
+    """Students and EMA on the teacher's device (``CDDEngine.create``)."""
     spec = student_spec(teacher.channels, teacher.reductions, backbone)
-    engine = CDDEngine.create(teacher, spec, k, ObjectiveConfig(), OptimConfig(), seed=0)
-    engine.global_student.to(device)
-    for student in engine.domain_students.values():
-        student.to(device)
-    return engine
+    return CDDEngine.create(teacher, spec, k, ObjectiveConfig(), OptimConfig(), seed=0)
 
 
 def rd_step(engine: CDDEngine, images, domains, device, dtype) -> None:
@@ -87,7 +84,7 @@ def train_figures(teacher, args, images, domains, device, dtype: str) -> dict:
     figures = {}
     peak_gib(device)
     for name, k, step in (("rd", 1, rd_step), ("cdd_k2", 2, cdd_step)):
-        engine = engine_for(teacher, args.backbone, k, device)
+        engine = engine_for(teacher, args.backbone, k)
         run = functools.partial(step, engine, images, domains, device, dtype)
         figures[f"{name}_train_images_per_s_{dtype}"] = round(measure(run, args.steps, args.batch, device), 1)
         figures[f"{name}_peak_memory_gib_{dtype}"] = peak_gib(device)
@@ -121,7 +118,7 @@ def main() -> None:
     }
     for dtype in ("fp32", "bf16"):
         results |= train_figures(teacher, args, images, domains, device, dtype)
-    scorer = engine_for(teacher, args.backbone, 1, device).global_student
+    scorer = engine_for(teacher, args.backbone, 1).global_student
     test = torch.rand(8 * args.batch, 3, args.size, args.size, device=device)
     for dtype in ("fp32", "bf16"):
         evaluate = functools.partial(score_under, device, dtype, teacher, scorer, test)

@@ -115,12 +115,8 @@ def run_cell(teacher, teacher_config: TeacherConfig, store: Path, cell: dict, ar
 def by_defect(scores: np.ndarray, labels: np.ndarray, defect_types: np.ndarray) -> dict[str, float]:
     """Image AUROC of each defect type against every normal test image (which defects a method misses)."""
     normal = labels == 0
-    return {
-        str(kind): round(
-            auroc(scores[normal | (defect_types == kind)], labels[normal | (defect_types == kind)]), 4
-        )
-        for kind in sorted(set(defect_types[labels == 1].tolist()))
-    }
+    chosen = {kind: normal | (defect_types == kind) for kind in sorted(set(defect_types[~normal].tolist()))}
+    return {str(kind): round(auroc(scores[rows], labels[rows]), 4) for kind, rows in chosen.items()}
 
 
 def train_suffix(args) -> str:

@@ -373,12 +373,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
     spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
     owned = owned_domains(num_domains, rank, world_size)
     record_workers(loop_config.get("run_dir"), rank, owned, device)
-    engine = make_engine(config, teacher, spec, owned)
-    engine.global_student.to(device)
-    if engine.global_ema is not None:
-        engine.global_ema.to(device)
-    for student in engine.domain_students.values():
-        student.to(device)
+    engine = make_engine(config, teacher, spec, owned)  # students and EMA on the teacher's device
 
     # 2. Resume from the last checkpoint of a run with the same name.
     done = 0
