@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from cdd_ray.models.anomaly_map import DISTANCES
 from cdd_ray.models.distillation.losses import AGGREGATIONS, LOSS_FORMS, ObjectiveConfig
 from cdd_ray.models.distillation.student import StudentConfig, check_student
 from cdd_ray.models.patchcore.memory_bank import SEARCH_BACKENDS
@@ -91,6 +92,12 @@ class EvalConfig:
     # lowest held-out proxy loss (needs data.holdout_fraction > 0)
     select: str = "last"
     report: bool = True  # report.html beside metrics.json (matplotlib figures, a few seconds)
+    # RD / CDD only (PatchCore and SoftPatch keep their nearest-neighbour score): the map's distance,
+    # cos (1 - cosine, RD4AD's) or cos_l2 (1 - cosine plus the Euclidean distance, each divided per
+    # level by its mean over the training images), and the image score, the mean of the map's top
+    # top_fraction pixels (0: the maximum, RD4AD's). See cdd_ray.models.anomaly_map.
+    distance: str = "cos_l2"
+    top_fraction: float = 0.01
 
 
 @dataclass
@@ -282,6 +289,10 @@ def validate(config: Config) -> Config:
     _check(0 < config.eval.fpr_limit <= 1, "eval.fpr_limit", "must lie in (0, 1]")
     _check(0 <= config.eval.proxy_trim < 1, "eval.proxy_trim", "must lie in [0, 1)")
     _check(config.eval.select in SELECTIONS, "eval.select", f"must be one of {SELECTIONS}")
+    _check(config.eval.distance in DISTANCES, "eval.distance", f"must be one of {DISTANCES}")
+    _check(
+        0 <= config.eval.top_fraction < 1, "eval.top_fraction", "must lie in [0, 1) (0: the map's maximum)"
+    )
     _check(
         config.eval.select != "proxy" or config.data.holdout_fraction > 0,
         "eval.select",

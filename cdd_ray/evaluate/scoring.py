@@ -28,7 +28,7 @@ from cdd_ray.data.batches import decode_batch
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
 from cdd_ray.evaluate.html_report import write_run_report
 from cdd_ray.evaluate.report import summarize, write_overlays
-from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector, score_in_batches
+from cdd_ray.models.detector import PatchCoreDetector, distillation_detector, score_in_batches
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
 from cdd_ray.models.teacher import build_teacher
@@ -47,7 +47,15 @@ def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: to
             student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
         )
         student.load_state_dict(state.get("evaluation_student") or state["global_student"])
-        detector: nn.Module = DistillationDetector(teacher, student, config.eval.sigma)
+        scale = state.get("distance_scale")
+        if config.eval.distance == "cos_l2" and scale is None:
+            raise CheckpointError(
+                f"{checkpoint_dir}: no distance scale for eval.distance=cos_l2 (a run writes it with its "
+                f"last step; this checkpoint is from step {state.get('steps_done')}): finish the run by "
+                "training it again under the same name, which resumes it"
+            )
+        scale = None if scale is None else torch.tensor(scale, dtype=torch.float32)
+        detector: nn.Module = distillation_detector(teacher, student, config.eval, scale)
     else:
         path = Path(checkpoint_dir) / BANK_FILE
         if not path.is_file():
@@ -57,8 +65,13 @@ def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: to
 
 
 def load_detector(checkpoint_dir: Path, device: torch.device) -> tuple[nn.Module, Config]:
+    """The checkpoint's detector and its run's config. A checkpoint written before ``eval.distance``
+    and ``eval.top_fraction`` existed is scored as its run was: cosine distance, map maximum."""
     state = load_global(Path(checkpoint_dir))
-    config = config_from_dict(state["config"])
+    values = state["config"]
+    if "distance" not in values.get("eval", {}):
+        values = {**values, "eval": {**values.get("eval", {}), "distance": "cos", "top_fraction": 0.0}}
+    config = config_from_dict(values)
     return build_detector(config, state, Path(checkpoint_dir), device), config
 
 

@@ -4,7 +4,9 @@ Every path that scores images (the train workers' test scoring, ``cdd-ray evalua
 the benchmarks and the exported model) goes through these, so a method is scored one way only.
 
 - ``DistillationDetector`` (RD and CDD): teacher + global student; map = sum over levels of the
-  upsampled channel-wise (1 - cosine), blurred; image score = max of the map (RD4AD).
+  upsampled per-position distance (1 - cosine, RD4AD's, or with a per-level scale also the
+  Euclidean distance), blurred; image score = the mean of the map's top ``top_fraction`` pixels
+  (0: the maximum, RD4AD's). See ``cdd_ray.models.anomaly_map``.
 - ``PatchCoreDetector`` (PatchCore and SoftPatch): teacher + memory bank; map = upsampled, blurred
   nearest-neighbour distances of the locally aware patch features; image score = the (reweighted)
   largest patch score (see ``cdd_ray.models.patchcore.memory_bank``).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cdd_ray.models.anomaly_map import anomaly_map, image_scores
+from cdd_ray.models.anomaly_map import DistanceStatistics, anomaly_map, image_scores
 from cdd_ray.models.patchcore.features import patch_features
 from cdd_ray.models.patchcore.memory_bank import MemoryBank, score_patches
 from cdd_ray.models.patchcore.model import MemoryBankConfig
@@ -30,18 +32,66 @@ from cdd_ray.models.teacher import Teacher
 
 
 class DistillationDetector(nn.Module):
-    def __init__(self, teacher: Teacher, student: nn.Module, sigma: float = 4.0):
+    """``scale``: None for the cosine distance, or the (L, 2) per-level training means of the
+    ``cos_l2`` distance (``DistanceStatistics.scale``), kept as a buffer so that it moves with
+    ``.to(device)`` and is part of an exported graph."""
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: nn.Module,
+        sigma: float = 4.0,
+        scale: torch.Tensor | None = None,
+        top_fraction: float = 0.0,
+    ):
         super().__init__()
         self.teacher = teacher
         self.student = student
         self.sigma = sigma
+        self.top_fraction = top_fraction
+        self.distance_scale: torch.Tensor | None
+        self.register_buffer("distance_scale", None if scale is None else scale.detach().float().clone())
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.student.eval()
         features = self.teacher(images)
-        maps = anomaly_map(features, self.student(features), tuple(images.shape[-2:]), self.sigma)
-        return maps, image_scores(maps)
+        maps = anomaly_map(
+            features, self.student(features), tuple(images.shape[-2:]), self.sigma, self.distance_scale
+        )
+        return maps, image_scores(maps, self.top_fraction)
+
+
+def distillation_detector(
+    teacher: Teacher, student: nn.Module, settings, scale: torch.Tensor | None
+) -> DistillationDetector:
+    """The detector that a run's ``eval`` settings (``sigma``, ``distance``, ``top_fraction``; a
+    ``cdd_ray.config.EvalConfig``) ask for. ``scale``: the (L, 2) training means that
+    ``distance=cos_l2`` needs (ValueError when it is None); not used with ``cos``."""
+    if settings.distance == "cos_l2" and scale is None:
+        raise ValueError("eval.distance=cos_l2 needs the per-level distance scale of the training images")
+    return DistillationDetector(
+        teacher,
+        student,
+        settings.sigma,
+        scale if settings.distance == "cos_l2" else None,
+        settings.top_fraction,
+    )
+
+
+@torch.no_grad()
+def distance_scale(
+    teacher: Teacher, student: nn.Module, images: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
+    """(L, 2) per-level means of (1 - cos, ||T - S||) of ``student`` over ``images`` (N, 3, S, S),
+    on the teacher's device, ``batch_size`` at a time (``DistanceStatistics``)."""
+    student.eval()
+    device = next(iter(teacher.parameters())).device
+    statistics = DistanceStatistics(len(teacher.channels), device)
+    for start in range(0, len(images), batch_size):
+        features = teacher(images[start : start + batch_size].to(device).float())
+        statistics.update(features, student(features))
+    return statistics.scale()
 
 
 class PatchCoreDetector(nn.Module):

@@ -19,7 +19,12 @@ import torch
 from cdd_ray.config import Config, excluded_target_domains
 from cdd_ray.data.domains import assign_domains, holdout_mask
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
-from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector
+from cdd_ray.models.detector import (
+    DistillationDetector,
+    PatchCoreDetector,
+    distance_scale,
+    distillation_detector,
+)
 from cdd_ray.models.distillation.student import student_spec
 from cdd_ray.models.patchcore.features import patch_features
 from cdd_ray.models.patchcore.model import build_memory_bank
@@ -106,7 +111,9 @@ def fit_distillation_detector(
         schedule=config.train.schedule,
         select_on=select_on,
     )
-    detector = DistillationDetector(teacher, engine.evaluation_student(), config.eval.sigma)
+    student = engine.evaluation_student()
+    scale = distance_scale(teacher, student, train_images) if config.eval.distance == "cos_l2" else None
+    detector = distillation_detector(teacher, student, config.eval, scale)
     return detector, {"history": history, "domains": domains.tolist(), "train_ids": train_ids}
 
 

@@ -48,7 +48,8 @@ from cdd_ray.data.sharding import rank_dataset_name, rank_rows
 from cdd_ray.data.store import split_sample_ids, write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, write_evaluation
-from cdd_ray.models.detector import DistillationDetector, PatchCoreDetector
+from cdd_ray.models.anomaly_map import DistanceStatistics
+from cdd_ray.models.detector import PatchCoreDetector, distillation_detector
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
 from cdd_ray.models.patchcore.model import build_memory_bank
@@ -248,6 +249,27 @@ def holdout_proxy(engine: CDDEngine, stream: RankStream, config: Config) -> floa
         dist.all_gather_object(gathered, losses)
         losses = [value for part in gathered for value in part]
     return trimmed_mean(np.asarray(losses), config.eval.proxy_trim)
+
+
+@torch.no_grad()
+def shard_distance_scale(
+    teacher: torch.nn.Module, student: torch.nn.Module, stream: RankStream
+) -> torch.Tensor:
+    """The ``cos_l2`` scale (L, 2) of the evaluation student over every rank's training rows (each
+    rank's shard, summed over ranks). Every rank must call it: it all-reduces."""
+    student.eval()
+    statistics = DistanceStatistics(len(teacher.channels), stream.device)
+    for rows in stream.ordered(SHARD):
+        features = stream.features(rows)
+        if features is None:
+            features = teacher(stream.images(rows))
+        statistics.update(features, student(features))
+    if _distributed():
+        totals = torch.cat([statistics.sums.flatten(), statistics.sums.new_tensor([statistics.images])])
+        dist.all_reduce(totals)
+        statistics.sums = totals[:-1].view_as(statistics.sums)
+        statistics.images = int(totals[-1].item())
+    return statistics.scale()
 
 
 def score_test_shard(
@@ -480,16 +502,19 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         gauges.update(metrics)
         trace.mark("step_trained", step)
         last = step + 1 == len(stages)
+        scale = None
+        scorer = _evaluation_student(engine, spec, selection, device) if last else None
+        if last and config.eval.distance == "cos_l2":
+            scale = shard_distance_scale(teacher, scorer, stream)  # the checkpoint keeps it
         if last and config.eval.score_test:
             if selection is not None:
                 metrics["selected_epoch"] = selection["epoch"]
-            student = _evaluation_student(engine, spec, selection, device)
-            detector = DistillationDetector(teacher, student, config.eval.sigma).eval()
+            detector = distillation_detector(teacher, scorer, config.eval, scale).eval()
             metrics.update(score_test_shard(detector, config, loop_config, session, trace))
         checkpoint_now = (step + 1) % config.train.checkpoint_every == 0 or last
         save = None
         if checkpoint_now:
-            save = _distillation_saver(engine, selection, rank, epoch + 1, step + 1, loop_config)
+            save = _distillation_saver(engine, selection, rank, epoch + 1, step + 1, loop_config, scale)
         _report(session, metrics, save, trace)
 
 
@@ -505,10 +530,18 @@ def _evaluation_student(
 
 
 def _distillation_saver(
-    engine: CDDEngine, selection: dict | None, rank: int, epoch: int, steps: int, loop_config: dict
+    engine: CDDEngine,
+    selection: dict | None,
+    rank: int,
+    epoch: int,
+    steps: int,
+    loop_config: dict,
+    scale: torch.Tensor | None = None,
 ):
-    """A function that writes this rank's part of the checkpoint of the step just done."""
+    """A function that writes this rank's part of the checkpoint of the step just done (with the
+    ``cos_l2`` distance scale at the run's last step)."""
     evaluation_state = _evaluation_state(engine, selection)
+    evaluation_state["distance_scale"] = None if scale is None else scale.tolist()
 
     def save(directory: str) -> None:
         if rank == 0:

@@ -9,6 +9,7 @@ import torch
 from cdd_ray.config import config_to_dict, load_config
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.synthetic import SyntheticConfig
+from cdd_ray.models.detector import distance_scale
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.train.checkpoint import BANK_FILE, save_global
 from cdd_ray.train.fit import fit_memory_bank_detector
@@ -47,7 +48,8 @@ def write_run(tmp_path: Path, method: str, extra: tuple[str, ...] = ()) -> Path:
     teacher = random_teacher()
     if method == "distillation":
         student = Student(student_spec(teacher.channels, teacher.reductions, TINY_BACKBONE, config.student))
-        save_global(checkpoint, student, None, 1, 1, config_to_dict(config))
+        scale = distance_scale(teacher, student, torch.rand(6, 3, 32, 32)).tolist()  # as a run's last step
+        save_global(checkpoint, student, None, 1, 1, config_to_dict(config), extra={"distance_scale": scale})
     else:
         detector, _ = fit_memory_bank_detector(config, teacher, torch.rand(6, 3, 32, 32))
         save_global(checkpoint, None, None, 1, 1, config_to_dict(config))

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from cdd_ray.config import load_config
+from cdd_ray.data.domains import HOLDOUT
+from cdd_ray.evaluate.scoring import load_detector, read_split_arrays
+from cdd_ray.models.detector import distance_scale
 from cdd_ray.train.checkpoint import load_domains, load_global
 from cdd_ray.train.run import DOMAINS_FILE, PROGRESS_FILE, evaluate, latest_checkpoint, train
 from tests.conftest import tiny_overrides
@@ -187,6 +190,15 @@ def test_k3_round_robin_on_two_workers_then_evaluate_and_predict(two_worker_run,
     assert again["image_auroc"] == written["image_auroc"]
     assert again["aupro"] == pytest.approx(written["aupro"], rel=1e-9)
     assert len(list((run_dir / "overlays").glob("*.png"))) == 2
+
+    # the cos_l2 scale is the mean over both ranks' shards (all-reduced), as one process computes it
+    detector, _ = load_detector(checkpoint, torch.device("cpu"))
+    assignment = json.loads((run_dir / DOMAINS_FILE).read_text())["assignment"]
+    trained = sorted(sid for sid, domain in assignment.items() if domain != HOLDOUT)
+    images = read_split_arrays(Path(config.data.path), "train", "weave", 32, trained)["image"]
+    assert len(images) == len(trained) > 2 * config.train.batch_size
+    expected = distance_scale(detector.teacher, detector.student, torch.from_numpy(images))
+    assert torch.allclose(detector.distance_scale, expected, rtol=1e-4)
 
     # cdd-ray predict on new image files, from the same checkpoint.
     from PIL import Image

@@ -47,6 +47,7 @@ def test_in_process_run_equals_a_one_worker_ray_train_run_and_resumes_in_process
         for name, tensor in here[key].items():
             if torch.is_tensor(tensor):
                 assert torch.equal(tensor, there[key][name]), f"{key}.{name} differs"
+    assert here["distance_scale"] == there["distance_scale"] and len(here["distance_scale"]) == 3
     # the workers' scoring and a later `cdd-ray evaluate` of the same checkpoint agree
     written = read_metrics(here_dir)
     assert written["checkpoint"] == str(here_checkpoint)

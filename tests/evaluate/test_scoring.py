@@ -1,0 +1,49 @@
+"""How a checkpoint's detector scores: the distance and image score its config records."""
+
+import pytest
+import torch
+
+from cdd_ray.evaluate.scoring import load_detector
+from cdd_ray.train.checkpoint import GLOBAL_FILE, CheckpointError
+from tests.evaluate.conftest import checkpoint_of, write_run
+
+
+def rewrite(checkpoint, change) -> None:
+    path = checkpoint / GLOBAL_FILE
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def test_the_checkpoint_scale_and_top_fraction_make_the_score(tmp_path):
+    run = write_run(tmp_path, "distillation")
+    detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
+    assert (config.eval.distance, config.eval.top_fraction) == ("cos_l2", 0.01)
+    stored = torch.load(checkpoint_of(run) / GLOBAL_FILE, weights_only=True)["distance_scale"]
+    assert torch.equal(detector.distance_scale, torch.tensor(stored))
+    images = torch.rand(2, 3, 32, 32)
+    maps, scores = detector(images)
+    top = maps.flatten(1).sort(dim=1, descending=True).values[:, : int(0.01 * 32 * 32)].mean(1)
+    assert torch.allclose(scores, top)
+    # the scale divides each level's distances: a doubled scale halves the map
+    doubled_scale = (2 * torch.tensor(stored)).tolist()
+    rewrite(checkpoint_of(run), lambda state: state.update(distance_scale=doubled_scale))
+    doubled, _ = load_detector(checkpoint_of(run), torch.device("cpu"))
+    assert torch.allclose(doubled(images)[0], maps / 2, atol=1e-5)
+
+
+def test_a_checkpoint_without_the_scale_is_named_and_an_older_one_scores_as_it_ran(tmp_path):
+    run = write_run(tmp_path, "distillation")
+    rewrite(checkpoint_of(run), lambda state: state.update(distance_scale=None, steps_done=3))
+    with pytest.raises(CheckpointError, match=rf"{checkpoint_of(run)}.*eval.distance=cos_l2.*step 3"):
+        load_detector(checkpoint_of(run), torch.device("cpu"))
+
+    def older(state):  # written before eval.distance and eval.top_fraction existed
+        del state["config"]["eval"]["distance"], state["config"]["eval"]["top_fraction"]
+
+    rewrite(checkpoint_of(run), older)
+    detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
+    assert (config.eval.distance, config.eval.top_fraction) == ("cos", 0.0)
+    assert detector.distance_scale is None
+    maps, scores = detector(torch.rand(2, 3, 32, 32))
+    assert torch.equal(scores, maps.flatten(1).amax(1))
