@@ -24,6 +24,7 @@ from sklearn.cluster import KMeans
 
 STRATEGIES = ("random", "cluster", "outlier")
 HOLDOUT = -1  # the domain id of held-out training images (label-free validation, never trained on)
+DOMAINS_FILE = "domains.json"  # a run's manifest: {"assignment": {sample_id: domain}, "holdout": [...], ...}
 
 
 class PartitionError(ValueError):

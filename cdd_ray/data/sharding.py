@@ -48,6 +48,11 @@ class RankRows:
         return frozenset(self.shard).union(self.holdout, *self.domains.values())
 
 
+def trained_ids(assignment: dict[str, int]) -> list[str]:
+    """The ids a run trained on (every id of ``assignment`` not held out), sorted as strings."""
+    return sorted(sid for sid, domain in assignment.items() if domain != HOLDOUT)
+
+
 def rank_rows(assignment: dict[str, int], num_domains: int, rank: int, world_size: int) -> RankRows:
     """The rows of rank ``rank`` of ``world_size`` from a domain assignment (sample id -> domain in
     [0, num_domains), ``HOLDOUT`` = -1 for held-out ids; ``domains.json``'s ``assignment``).
@@ -55,7 +60,7 @@ def rank_rows(assignment: dict[str, int], num_domains: int, rank: int, world_siz
     Raises ValueError for a rank outside [0, world_size)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size} workers")
-    trained = sorted(sid for sid, domain in assignment.items() if domain != HOLDOUT)
+    trained = trained_ids(assignment)
     held = sorted(sid for sid, domain in assignment.items() if domain == HOLDOUT)
     owned = [k for k in range(num_domains) if owner_of(k, world_size) == rank] if num_domains > 1 else []
     return RankRows(

@@ -34,13 +34,12 @@ import numpy as np
 import torch
 
 from cdd_ray.config import Config
+from cdd_ray.data.domains import DOMAINS_FILE
 from cdd_ray.data.images import IMAGE_SUFFIXES, encode_mask, read_image, resize_image
 from cdd_ray.data.store import write_atomic, write_json
 from cdd_ray.evaluate.report import save_map_png
 from cdd_ray.evaluate.scoring import METRICS_FILE, load_detector, read_split_arrays
 from cdd_ray.models.detector import score_in_batches
-
-DOMAINS_FILE = "domains.json"
 
 
 class ThresholdError(ValueError):

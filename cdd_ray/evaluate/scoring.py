@@ -12,8 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,17 @@ from torch import nn
 
 from cdd_ray.config import Config, config_from_dict
 from cdd_ray.data.batches import decode_batch
+from cdd_ray.data.domains import DOMAINS_FILE
+from cdd_ray.data.sharding import trained_ids
 from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
 from cdd_ray.evaluate.html_report import write_run_report
 from cdd_ray.evaluate.report import summarize, write_overlays
-from cdd_ray.models.detector import PatchCoreDetector, distillation_detector, score_in_batches
+from cdd_ray.models.detector import (
+    PatchCoreDetector,
+    distance_statistics,
+    distillation_detector,
+    score_in_batches,
+)
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
 from cdd_ray.models.teacher import build_teacher
@@ -49,11 +58,7 @@ def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: to
         student.load_state_dict(state.get("evaluation_student") or state["global_student"])
         scale = state.get("distance_scale")
         if config.eval.distance == "cos_l2" and scale is None:
-            raise CheckpointError(
-                f"{checkpoint_dir}: no distance scale for eval.distance=cos_l2 (a run writes it with its "
-                f"last step; this checkpoint is from step {state.get('steps_done')}): finish the run by "
-                "training it again under the same name, which resumes it"
-            )
+            scale = scale_from_training_rows(config, Path(checkpoint_dir), teacher, student, state)
         scale = None if scale is None else torch.tensor(scale, dtype=torch.float32)
         detector: nn.Module = distillation_detector(teacher, student, config.eval, scale)
     else:
@@ -62,6 +67,49 @@ def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: to
             raise CheckpointError(f"{path}: memory bank missing from a {config.method} checkpoint")
         detector = PatchCoreDetector(teacher, MemoryBank.load(path), config.memory_bank, config.eval.sigma)
     return detector.to(device).eval()
+
+
+def scale_from_training_rows(
+    config: Config, checkpoint_dir: Path, teacher: nn.Module, student: nn.Module, state: dict
+) -> list[list[float]]:
+    """The ``cos_l2`` scale (L, 2) of a checkpoint written before its run's last step (only the last
+    step stores it): the same means, over the run's trained rows (``domains.json`` beside the
+    checkpoint) read from its store, 256 images at a time. Warns that it was computed.
+
+    Raises CheckpointError naming the checkpoint when the manifest or a trained row is missing."""
+    manifest = checkpoint_dir.parent / DOMAINS_FILE
+    where = (
+        f"{checkpoint_dir} (step {state.get('steps_done')}) has no distance scale for eval.distance=cos_l2"
+    )
+    if not manifest.is_file():
+        raise CheckpointError(
+            f"{where}, and {manifest} (its run's training rows) is missing: finish the run by training "
+            "it again under the same name, which resumes it and writes the scale with its last step"
+        )
+    ids = trained_ids(json.loads(manifest.read_text())["assignment"])
+    store = Path(config.data.path)
+
+    def batches():
+        for start in range(0, len(ids), 256):
+            part = ids[start : start + 256]
+            images = read_split_arrays(store, "train", config.data.category, config.data.image_size, part)[
+                "image"
+            ]
+            if len(images) != len(part):
+                raise CheckpointError(
+                    f"{where}; rebuilding it: {len(part) - len(images)} of the run's training rows are "
+                    f"missing from the store {store}"
+                )
+            yield from torch.from_numpy(images).split(config.ray.eval_batch_size)
+
+    try:
+        scale = distance_statistics(teacher, student, batches()).scale()
+    except ValueError as error:  # no trained row, or a degenerate student
+        raise CheckpointError(f"{where}; rebuilding it from {manifest}: {error}") from error
+    warnings.warn(
+        f"{where}: computed it from the {len(ids)} images the run trained on ({manifest})", stacklevel=2
+    )
+    return scale.tolist()
 
 
 def load_detector(checkpoint_dir: Path, device: torch.device) -> tuple[nn.Module, Config]:

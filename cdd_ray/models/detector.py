@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -80,18 +82,26 @@ def distillation_detector(
 
 
 @torch.no_grad()
+def distance_statistics(
+    teacher: Teacher, student: nn.Module, image_batches: Iterable[torch.Tensor]
+) -> DistanceStatistics:
+    """Sums of the per-level (1 - cos, ||T - S||) of ``student`` over ``image_batches`` (each
+    (B, 3, S, S), moved to the teacher's device), for ``DistanceStatistics.scale``."""
+    student.eval()
+    device = next(iter(teacher.parameters())).device
+    statistics = DistanceStatistics(len(teacher.channels), device)
+    for batch in image_batches:
+        features = teacher(batch.to(device).float())
+        statistics.update(features, student(features))
+    return statistics
+
+
 def distance_scale(
     teacher: Teacher, student: nn.Module, images: torch.Tensor, batch_size: int = 32
 ) -> torch.Tensor:
     """(L, 2) per-level means of (1 - cos, ||T - S||) of ``student`` over ``images`` (N, 3, S, S),
-    on the teacher's device, ``batch_size`` at a time (``DistanceStatistics``)."""
-    student.eval()
-    device = next(iter(teacher.parameters())).device
-    statistics = DistanceStatistics(len(teacher.channels), device)
-    for start in range(0, len(images), batch_size):
-        features = teacher(images[start : start + batch_size].to(device).float())
-        statistics.update(features, student(features))
-    return statistics.scale()
+    on the teacher's device, ``batch_size`` at a time. Raises ValueError for no images."""
+    return distance_statistics(teacher, student, images.split(batch_size)).scale()
 
 
 class PatchCoreDetector(nn.Module):

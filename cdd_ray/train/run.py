@@ -26,7 +26,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cdd_ray.config import Config, config_to_dict, method_label
-from cdd_ray.data.domains import HOLDOUT, PartitionError, assign_domains, domain_report, holdout_mask
+from cdd_ray.data.domains import (
+    DOMAINS_FILE,
+    HOLDOUT,
+    PartitionError,
+    assign_domains,
+    domain_report,
+    holdout_mask,
+)
 from cdd_ray.data.parquet_rows import decoded_mib, store_fingerprint, uses_object_store
 from cdd_ray.data.ray_data import embeddings, read_split
 from cdd_ray.data.sharding import rank_dataset_name, rank_rows
@@ -47,7 +54,6 @@ from cdd_ray.train.session import run_in_process
 from cdd_ray.train.worker import plan_stages, run_loop, train_loop_per_worker
 
 PROGRESS_FILE = "progress.jsonl"
-DOMAINS_FILE = "domains.json"
 RUN_FILE = "run.json"
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 RUN_FORMAT_VERSION = 2

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from cdd_ray.config import config_to_dict, load_config
+from cdd_ray.data.domains import DOMAINS_FILE, HOLDOUT
 from cdd_ray.data.prepare import prepare
+from cdd_ray.data.store import split_sample_ids
 from cdd_ray.data.synthetic import SyntheticConfig
 from cdd_ray.models.detector import distance_scale
 from cdd_ray.models.distillation.student import Student, student_spec
@@ -54,8 +56,10 @@ def write_run(tmp_path: Path, method: str, extra: tuple[str, ...] = ()) -> Path:
         detector, _ = fit_memory_bank_detector(config, teacher, torch.rand(6, 3, 32, 32))
         save_global(checkpoint, None, None, 1, 1, config_to_dict(config))
         detector.bank.save(checkpoint / BANK_FILE)
-    held_out = ["weave/train/good/000", "weave/train/good/001", "weave/train/good/002"]
-    (run / "domains.json").write_text(json.dumps({"holdout": held_out}))
+    trained = split_sample_ids(store, "train", "weave")
+    held_out, trained = trained[:3], trained[3:]
+    assignment = {sid: HOLDOUT for sid in held_out} | {sid: 0 for sid in trained}
+    (run / DOMAINS_FILE).write_text(json.dumps({"assignment": assignment, "holdout": held_out}))
     thresholds = {"image_threshold": 1.5, "pixel_threshold": 1.0}
     (run / "metrics.json").write_text(json.dumps({"per_category": {"weave": thresholds}}))
     return run

@@ -1,9 +1,14 @@
 """How a checkpoint's detector scores: the distance and image score its config records."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from cdd_ray.evaluate.scoring import load_detector
+from cdd_ray.data.domains import DOMAINS_FILE, HOLDOUT
+from cdd_ray.evaluate.scoring import load_detector, read_split_arrays
+from cdd_ray.models.detector import distance_scale
 from cdd_ray.train.checkpoint import GLOBAL_FILE, CheckpointError
 from tests.evaluate.conftest import checkpoint_of, write_run
 
@@ -32,10 +37,22 @@ def test_the_checkpoint_scale_and_top_fraction_make_the_score(tmp_path):
     assert torch.allclose(doubled(images)[0], maps / 2, atol=1e-5)
 
 
-def test_a_checkpoint_without_the_scale_is_named_and_an_older_one_scores_as_it_ran(tmp_path):
+def test_a_checkpoint_without_the_scale_gets_it_from_the_trained_rows_and_an_older_one_scores_as_it_ran(
+    tmp_path,
+):
     run = write_run(tmp_path, "distillation")
-    rewrite(checkpoint_of(run), lambda state: state.update(distance_scale=None, steps_done=3))
-    with pytest.raises(CheckpointError, match=rf"{checkpoint_of(run)}.*eval.distance=cos_l2.*step 3"):
+    rewrite(checkpoint_of(run), lambda state: state.update(distance_scale=None, steps_done=3))  # mid-run
+    with pytest.warns(UserWarning, match=rf"{checkpoint_of(run)} \(step 3\).*from the 5 images"):
+        detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
+    # the run's last step would have stored the same means, over the trained (not held-out) rows
+    assignment = json.loads((run / DOMAINS_FILE).read_text())["assignment"]
+    trained = sorted(sid for sid, domain in assignment.items() if domain != HOLDOUT)
+    images = read_split_arrays(Path(config.data.path), "train", "weave", 32, trained)["image"]
+    expected = distance_scale(detector.teacher, detector.student, torch.from_numpy(images), batch_size=2)
+    assert len(images) == 5 and torch.allclose(detector.distance_scale, expected, rtol=1e-5)
+
+    (run / DOMAINS_FILE).unlink()
+    with pytest.raises(CheckpointError, match=rf"{checkpoint_of(run)} \(step 3\).*domains.json.*is missing"):
         load_detector(checkpoint_of(run), torch.device("cpu"))
 
     def older(state):  # written before eval.distance and eval.top_fraction existed
