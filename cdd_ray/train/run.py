@@ -257,14 +257,19 @@ def rank_datasets(
     """One materialized dataset per rank (``train_<rank>``) with only the rows that rank reads
     (``cdd_ray.data.sharding``), decoded once; the rows a shard and a domain share are stored once.
     A rank whose decoded rows exceed ``data.object_store_mb`` gets none: its worker reads its rows
-    from the Parquet store on every pass (``cdd_ray.data.parquet_rows``). Returns the datasets and
-    those Parquet ranks with their row counts (rank -> rows)."""
+    from the Parquet store on every pass (``cdd_ray.data.parquet_rows``), as an in-process run
+    (``ray.num_workers=0``) always does: nothing to hand to another process, no Ray Data job.
+    Returns the datasets and those Parquet ranks with their row counts (rank -> rows)."""
     world_size = max(1, config.ray.num_workers)
     assignment = manifest["assignment"]
     datasets, parquet_ranks = {}, {}
     for rank in range(world_size):
         rows = rank_rows(assignment, manifest["num_domains"], rank, world_size).ids()
-        if not uses_object_store(len(rows), config.data.image_size, config.data.object_store_mb):
+        # in-process (ray.num_workers=0) the one rank is this process: it reads the file itself
+        in_process = config.ray.num_workers == 0
+        if in_process or not uses_object_store(
+            len(rows), config.data.image_size, config.data.object_store_mb
+        ):
             parquet_ranks[rank] = len(rows)
             continue
         datasets[rank_dataset_name(rank)] = read_split(
@@ -276,6 +281,8 @@ def rank_datasets(
 def data_path_lines(config: Config, store: Path, parquet_ranks: dict[int, int]) -> list[str]:
     """What the console says of the ranks that read their rows from the Parquet store (rank -> rows,
     as ``rank_datasets`` returns them; none: no line)."""
+    if config.ray.num_workers == 0:  # the one reading there is: not news
+        return []
     return [
         f"worker {rank}: {rows} training images = {decoded_mib(rows, config.data.image_size):.1f} MiB "
         f"decoded > data.object_store_mb={config.data.object_store_mb:g}; it reads them from "
@@ -345,6 +352,17 @@ def _follow(progress_path: Path, total: int, done: threading.Event, console: Con
             time.sleep(0.5)
 
 
+def needs_ray(config: Config) -> bool:
+    """Whether a run needs a Ray cluster: Ray Train workers (``ray.num_workers`` > 0), or a Ray Data
+    job that embeds the training set with the teacher (a ``cluster`` or ``outlier`` partition into
+    several domains). An in-process run with a ``random`` partition reads the Parquet store itself
+    and starts no Ray (inside a Tune trial or an attached driver it uses the Ray that runs)."""
+    embeds = (
+        config.method == "distillation" and config.train.num_domains > 1 and config.data.partition != "random"
+    )
+    return config.ray.num_workers > 0 or embeds
+
+
 def train(
     config: Config,
     console: Console | None = None,
@@ -365,14 +383,18 @@ def train(
     storage = Path(config.ray.storage_path).resolve()
     run_dir = storage / name
     console.print(f"run directory: {run_dir}")
-    dashboard = ensure_ray()
-    mark("ray_ready")
-    if dashboard:
-        console.print(f"Ray dashboard: {dashboard}")
-    use_gpu = cluster_has_gpus(config.ray.use_gpu)
-    waiting = check_resources(config.ray.num_workers, config.ray.cpus_per_worker, use_gpu)
-    if waiting:
-        console.print(f"[yellow]{waiting}[/yellow]")
+    if needs_ray(config) or ray.is_initialized():
+        dashboard = ensure_ray()
+        mark("ray_ready")
+        if dashboard:
+            console.print(f"Ray dashboard: {dashboard}")
+        use_gpu = cluster_has_gpus(config.ray.use_gpu)
+        waiting = check_resources(config.ray.num_workers, config.ray.cpus_per_worker, use_gpu)
+        if waiting:
+            console.print(f"[yellow]{waiting}[/yellow]")
+    else:  # in-process with nothing for Ray to do: no Ray start (~7 s, BENCHMARKS.md "fixed cost")
+        mark("ray_ready")
+        use_gpu = torch.cuda.is_available() if config.ray.use_gpu is None else config.ray.use_gpu
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(run_dir, config)
     handler = log_to_file(run_dir)

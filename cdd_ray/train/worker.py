@@ -209,7 +209,7 @@ def record_workers(run_dir: str | None, rank: int, owned: list[int], device: tor
 
     me = {
         "rank": rank,
-        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "device": str(device),

@@ -7,13 +7,15 @@ the run's workers score the test set at its end (labeled metrics, unless ``eval.
 and one final ``tune.report`` carries everything.
 
 ``CDD_RAY_TEST_FAIL_ONCE=<path>`` in the driver's environment (tests only) makes the first trial
-that creates <path> fail, to simulate an interrupted sweep.
+that creates <path> fail, to simulate an interrupted sweep, once a second trial has started beside
+it (what it saw is written into <path>).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -59,13 +61,25 @@ def trial_overrides(params: dict) -> list[str]:
     return overrides
 
 
-def _fail_once_for_tests(marker: str | None) -> None:
+def _fail_once_for_tests(marker: str | None, wait_s: float = 120.0) -> None:
+    """Tests only: every trial leaves ``<marker>.started-<pid>-<ns>``; the first to create ``marker``
+    waits (at most ``wait_s``) until another trial has started, writes into ``marker`` whether one
+    did (``concurrent``) or not (``alone``: the sweep ran one trial at a time), and fails."""
     if not marker:
         return
+    Path(f"{marker}.started-{os.getpid()}-{time.time_ns()}").touch()
     try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        handle = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
+    deadline = time.monotonic() + wait_s
+    while len(list(Path(marker).parent.glob(f"{Path(marker).name}.started-*"))) < 2:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    others = len(list(Path(marker).parent.glob(f"{Path(marker).name}.started-*"))) - 1
+    os.write(handle, b"concurrent" if others else b"alone")
+    os.close(handle)
     raise RuntimeError(f"test fault: this trial was made to fail ({FAIL_ONCE_ENV})")
 
 

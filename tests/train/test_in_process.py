@@ -1,12 +1,15 @@
 """In-process runs (ray.num_workers=0) and memory-bank methods through the same driver as Ray Train.
 
 The in-process runner must be the same run as a Ray Train one, not a second implementation: a
-one-worker TorchTrainer run (reading its rows from the Parquet store) and an in-process run (from
-the object store) of the same config end with the same weights, and
+one-worker TorchTrainer run (reading its rows from the object store) and an in-process run (from
+the Parquet store) of the same config end with the same weights, and
 a memory bank gathered from two workers equals the one built in one process.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,14 +33,10 @@ def test_in_process_run_equals_a_one_worker_ray_train_run_and_resumes_in_process
 ):
     run = {"train.num_domains": 2, "train.schedule": "alternate", "train.epochs": 1, "optim.ema_decay": 0.5}
     in_process = config_for(tiny_store, tmp_path / "runs", name="here", **run, **{"ray.num_workers": 0})
-    # the Ray Train worker reads its rows from the Parquet store itself, the in-process run from its
-    # dataset in the object store: the same batches either way
+    # the Ray Train worker reads its rows from its dataset in the object store, the in-process run
+    # from the Parquet store itself: the same batches either way
     one_worker = config_for(
-        tiny_store,
-        tmp_path / "runs",
-        name="ray",
-        **run,
-        **{"ray.num_workers": 1, "ray.cpus_per_worker": 1, "data.object_store_mb": 0},
+        tiny_store, tmp_path / "runs", name="ray", **run, **{"ray.num_workers": 1, "ray.cpus_per_worker": 1}
     )
     here_dir, here_checkpoint, here_metrics = train(in_process)
     _, ray_checkpoint, _ = train(one_worker)
@@ -98,3 +97,26 @@ def test_memory_bank_from_two_workers_equals_the_in_process_one_and_predict_relo
     ]
     rows = predict_images(two_dir, two_checkpoint, paths, tmp_path / "predictions")
     assert len(rows) == 2 and all(row["score"] > 0 for row in rows)
+
+
+def test_an_in_process_run_on_a_machine_without_ray_starts_none(tiny_store, tmp_path):
+    """`cdd-ray train ray.num_workers=0` with a random partition: trained, scored and no Ray started."""
+    script = (
+        "import sys, ray\n"
+        "from cdd_ray.cli import main\n"
+        "code = main(['train', *sys.argv[1:]])\n"
+        "print('RAY_STARTED', ray.is_initialized())\n"
+        "sys.exit(code)\n"
+    )
+    overrides = tiny_overrides(tiny_store, tmp_path / "runs", name="alone", **{"ray.num_workers": 0})
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *overrides, "train.num_domains=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RAY_STARTED False" in done.stdout and "Ray dashboard" not in done.stdout
+    assert 0 <= read_metrics(tmp_path / "runs" / "alone")["image_auroc"] <= 1
