@@ -83,9 +83,10 @@ def anomaly_map(
 
 def image_scores(maps: torch.Tensor, top_fraction: float = 0.0) -> torch.Tensor:
     """(B,) scores of (B, H, W) maps: the mean of the largest max(1, floor(top_fraction x H x W))
-    pixels; 0 gives the maximum."""
+    pixels; 0 gives the maximum. The floor forgives float rounding (0.29 x 100 is 29 pixels, not
+    28.999... -> 28)."""
     flat = maps.flatten(1)
-    k = max(1, int(top_fraction * flat.shape[1]))
+    k = max(1, math.floor(top_fraction * flat.shape[1] + 1e-9))
     if k == 1:
         return flat.amax(1)
     return flat.topk(k, dim=1).values.mean(1)

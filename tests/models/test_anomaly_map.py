@@ -56,6 +56,9 @@ def test_image_score_is_the_mean_of_the_top_fraction_and_the_maximum_at_zero():
     top = maps.flatten(1).sort(dim=1, descending=True).values[:, :4].mean(1)  # floor(0.01 x 400) = 4
     assert torch.allclose(image_scores(maps, 0.01), top)
     assert torch.equal(image_scores(maps, 0.001), maps.flatten(1).amax(1))  # fewer than one pixel: max
+    tens = torch.rand(2, 10, 10)  # 0.29 x 100 is 28.999... in floating point: still 29 pixels
+    top29 = tens.flatten(1).sort(dim=1, descending=True).values[:, :29].mean(1)
+    assert torch.allclose(image_scores(tens, 0.29), top29)
 
 
 def test_distance_statistics_are_the_mean_over_images_and_add_up_over_parts():
