@@ -28,8 +28,10 @@ from torch import nn
 from cdd_ray.config import Config, config_from_dict
 from cdd_ray.data.batches import decode_batch
 from cdd_ray.data.domains import DOMAINS_FILE
+from cdd_ray.data.parquet_rows import ParquetRows
 from cdd_ray.data.sharding import trained_ids
-from cdd_ray.data.store import SAMPLES_FILE, check_store, write_json
+from cdd_ray.data.store import SAMPLES_FILE, StoreError, check_store, write_json
+from cdd_ray.data.tensors import to_float
 from cdd_ray.evaluate.html_report import write_run_report
 from cdd_ray.evaluate.report import summarize, write_overlays
 from cdd_ray.models.detector import (
@@ -58,6 +60,7 @@ def build_detector(config: Config, state: dict, checkpoint_dir: Path, device: to
         student.load_state_dict(state.get("evaluation_student") or state["global_student"])
         scale = state.get("distance_scale")
         if config.eval.distance == "cos_l2" and scale is None:
+            teacher, student = teacher.to(device), student.to(device)
             scale = scale_from_training_rows(config, Path(checkpoint_dir), teacher, student, state)
         scale = None if scale is None else torch.tensor(scale, dtype=torch.float32)
         detector: nn.Module = distillation_detector(teacher, student, config.eval, scale)
@@ -73,41 +76,46 @@ def scale_from_training_rows(
     config: Config, checkpoint_dir: Path, teacher: nn.Module, student: nn.Module, state: dict
 ) -> list[list[float]]:
     """The ``cos_l2`` scale (L, 2) of a checkpoint written before its run's last step (only the last
-    step stores it): the same means, over the run's trained rows (``domains.json`` beside the
-    checkpoint) read from its store, 256 images at a time. Warns that it was computed.
+    step stores it): the same means, over the run's trained (not held-out) rows, read from its
+    store in one pass, on the teacher's device. The rows come from the checkpoint's own domain
+    manifest, or, for a checkpoint without one, from ``domains.json`` beside it. Warns that it was
+    computed.
 
-    Raises CheckpointError naming the checkpoint when the manifest or a trained row is missing."""
-    manifest = checkpoint_dir.parent / DOMAINS_FILE
+    Raises CheckpointError naming the checkpoint when no manifest can be read or the store lacks a
+    trained row."""
     where = (
         f"{checkpoint_dir} (step {state.get('steps_done')}) has no distance scale for eval.distance=cos_l2"
     )
-    if not manifest.is_file():
-        raise CheckpointError(
-            f"{where}, and {manifest} (its run's training rows) is missing: finish the run by training "
-            "it again under the same name, which resumes it and writes the scale with its last step"
-        )
-    ids = trained_ids(json.loads(manifest.read_text())["assignment"])
+    source = f"{checkpoint_dir / 'global.pt'}'s domain manifest"
+    manifest = state.get("domain_manifest")
+    if manifest is None:
+        path = checkpoint_dir.parent / DOMAINS_FILE
+        source = str(path)
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(
+                f"{where}, and its run's training rows cannot be read from {path} ({error}): finish the "
+                "run by training it again under the same name, which resumes it and writes the scale"
+            ) from error
+    if not isinstance(manifest.get("assignment"), dict):
+        raise CheckpointError(f"{where}, and {source} has no 'assignment' of training rows")
+    ids = trained_ids(manifest["assignment"])
     store = Path(config.data.path)
 
     def batches():
-        for start in range(0, len(ids), 256):
-            part = ids[start : start + 256]
-            images = read_split_arrays(store, "train", config.data.category, config.data.image_size, part)[
-                "image"
-            ]
-            if len(images) != len(part):
-                raise CheckpointError(
-                    f"{where}; rebuilding it: {len(part) - len(images)} of the run's training rows are "
-                    f"missing from the store {store}"
-                )
-            yield from torch.from_numpy(images).split(config.ray.eval_batch_size)
+        rows = ParquetRows(
+            store, config.data.category or "", config.data.image_size, manifest["assignment"], frozenset(ids)
+        )
+        for block in rows(frozenset(ids)):
+            yield from to_float(torch.from_numpy(block["image"])).split(config.ray.eval_batch_size)
 
     try:
         scale = distance_statistics(teacher, student, batches()).scale()
-    except ValueError as error:  # no trained row, or a degenerate student
-        raise CheckpointError(f"{where}; rebuilding it from {manifest}: {error}") from error
+    except (StoreError, ValueError) as error:  # a row missing from the store; none; a degenerate student
+        raise CheckpointError(f"{where}; rebuilding it from {source}: {error}") from error
     warnings.warn(
-        f"{where}: computed it from the {len(ids)} images the run trained on ({manifest})", stacklevel=2
+        f"{where}: computed it from the {len(ids)} images the run trained on ({source})", stacklevel=2
     )
     return scale.tolist()
 

@@ -1,6 +1,7 @@
 """How a checkpoint's detector scores: the distance and image score its config records."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,19 +42,35 @@ def test_a_checkpoint_without_the_scale_gets_it_from_the_trained_rows_and_an_old
     tmp_path,
 ):
     run = write_run(tmp_path, "distillation")
-    rewrite(checkpoint_of(run), lambda state: state.update(distance_scale=None, steps_done=3))  # mid-run
-    with pytest.warns(UserWarning, match=rf"{checkpoint_of(run)} \(step 3\).*from the 5 images"):
-        detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
+    checkpoint = checkpoint_of(run)
+    named = re.escape(f"{checkpoint} (step 3)")
+    rewrite(checkpoint, lambda state: state.update(distance_scale=None, steps_done=3))  # mid-run
+    with pytest.warns(UserWarning, match=rf"{named}.*from the 5 images.*domains.json"):
+        detector, config = load_detector(checkpoint, torch.device("cpu"))
     # the run's last step would have stored the same means, over the trained (not held-out) rows
     assignment = json.loads((run / DOMAINS_FILE).read_text())["assignment"]
     trained = sorted(sid for sid, domain in assignment.items() if domain != HOLDOUT)
-    images = read_split_arrays(Path(config.data.path), "train", "weave", 32, trained)["image"]
-    expected = distance_scale(detector.teacher, detector.student, torch.from_numpy(images), batch_size=2)
-    assert len(images) == 5 and torch.allclose(detector.distance_scale, expected, rtol=1e-5)
 
+    def scale_over(ids):
+        images = read_split_arrays(Path(config.data.path), "train", "weave", 32, ids)["image"]
+        return distance_scale(detector.teacher, detector.student, torch.from_numpy(images), batch_size=2)
+
+    assert len(trained) == 5 and torch.allclose(detector.distance_scale, scale_over(trained), rtol=1e-5)
+
+    # the checkpoint's own manifest (what it trained on) comes before the run directory's file
+    fewer = {sid: (HOLDOUT if sid in trained[:2] else domain) for sid, domain in assignment.items()}
+    rewrite(checkpoint, lambda state: state.update(domain_manifest={"assignment": fewer}))
+    with pytest.warns(UserWarning, match=rf"{named}.*from the 3 images.*domain manifest"):
+        detector, _ = load_detector(checkpoint, torch.device("cpu"))
+    assert torch.allclose(detector.distance_scale, scale_over(trained[2:]), rtol=1e-5)
+
+    rewrite(checkpoint, lambda state: state.update(domain_manifest=None))
+    (run / DOMAINS_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{named}.*cannot be read from .*domains.json"):
+        load_detector(checkpoint, torch.device("cpu"))
     (run / DOMAINS_FILE).unlink()
-    with pytest.raises(CheckpointError, match=rf"{checkpoint_of(run)} \(step 3\).*domains.json.*is missing"):
-        load_detector(checkpoint_of(run), torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=rf"{named}.*cannot be read from .*domains.json"):
+        load_detector(checkpoint, torch.device("cpu"))
 
     def older(state):  # written before eval.distance and eval.top_fraction existed
         del state["config"]["eval"]["distance"], state["config"]["eval"]["top_fraction"]

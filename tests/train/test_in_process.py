@@ -118,5 +118,5 @@ def test_an_in_process_run_on_a_machine_without_ray_starts_none(tiny_store, tmp_
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "RAY_STARTED False" in done.stdout and "Ray dashboard" not in done.stdout
+    assert "RAY_STARTED False" in done.stdout
     assert 0 <= read_metrics(tmp_path / "runs" / "alone")["image_auroc"] <= 1
