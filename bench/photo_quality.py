@@ -181,10 +181,11 @@ def run(args) -> None:
         f"{len(done)} done, {len(todo)} to run"
     )
     for i, cell in enumerate(todo):
-        store = store_for(tree, work, cell["setting"], cell["noise"], cell["seed"])
+        draw = cell["seed"] if args.fixed_draw is None else args.fixed_draw
+        store = store_for(tree, work, cell["setting"], cell["noise"], draw)
         result = run_cell(teacher, teacher_config, store, cell, args)
         settings = {"epochs": args.epochs, "size": args.size, "teacher": args.teacher, "device": args.device}
-        row = cell | result | settings | {"train_normal": args.train_normal}
+        row = cell | result | settings | {"train_normal": args.train_normal, "draw": draw}
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(
@@ -334,6 +335,12 @@ def main() -> None:
         "--noise", type=float, nargs="+", help="default: 0 and 0.2; also filters --report when given"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="also filters --report")
+    parser.add_argument(
+        "--fixed-draw",
+        type=int,
+        help="contaminate every cell with this seed's draw, so that --seeds vary only training "
+        "(default: each seed draws its own; use its own --out file)",
+    )
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)
