@@ -6,7 +6,8 @@ several anomaly-map variants, side by side, so differences come from the scoring
 
 - ``levels``: which teacher levels enter the map (RD4AD sums all three; PatchCore's features use
   levels 2 and 3 only);
-- ``score``: the image score, the map's maximum (RD4AD) or the mean of its top 1 % pixels;
+- ``score``: the image score, the map's maximum (RD4AD) or the mean of its top fraction of pixels
+  (``--tops``, default 1 %; ``cdd_ray.models.anomaly_map.image_scores``, the product's);
 - ``sigma``: the Gaussian blur of the map (4, RD4AD's);
 - ``pool``: local aggregation of teacher and student features before the cosine distance (a k x k
   mean, stride 1, as PatchCore aggregates a patch's neighbourhood; 1 = none, RD4AD's). Variants
@@ -42,12 +43,11 @@ from synthetic_quality import load  # noqa: E402
 from cdd_ray.config import load_config  # noqa: E402
 from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark  # noqa: E402
 from cdd_ray.evaluate.metrics import compute_metrics  # noqa: E402
-from cdd_ray.models.anomaly_map import gaussian_blur  # noqa: E402
+from cdd_ray.models.anomaly_map import gaussian_blur, image_scores  # noqa: E402
 from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
 from cdd_ray.train.fit import fit_detector  # noqa: E402
 
 LEVELS = {"123": (0, 1, 2), "23": (1, 2), "12": (0, 1), "3": (2,)}
-SCORES = ("max", "top1pct")
 SIGMAS = (4.0, 2.0)
 
 
@@ -110,12 +110,9 @@ def distance_maps(detector, train, test, pools: list[int], kinds: list[str]) -> 
     return out
 
 
-def image_score(maps: torch.Tensor, kind: str) -> torch.Tensor:
-    flat = maps.flatten(1)
-    if kind == "max":
-        return flat.amax(1)
-    k = max(1, flat.shape[1] // 100)
-    return flat.topk(k, dim=1).values.mean(1)
+def score_kinds(tops: list[float]) -> dict[str, float]:
+    """Image-score variant name -> top fraction (0: the map's maximum): ``max``, ``top1pct``, ..."""
+    return {"max": 0.0} | {f"top{100 * fraction:g}pct": fraction for fraction in tops}
 
 
 def pools_suffix(pools: list[int], kinds: list[str] | None = None) -> str:
@@ -123,6 +120,11 @@ def pools_suffix(pools: list[int], kinds: list[str] | None = None) -> str:
     default: no pooling, cosine only)."""
     suffix = "" if pools == [1] else "|pools" + "-".join(map(str, pools))
     return suffix + ("" if not kinds or kinds == ["cos"] else "|d" + "-".join(kinds))
+
+
+def tops_suffix(tops: list[float]) -> str:
+    """Key suffix of a run that scored other top fractions than 1 % (none for the default)."""
+    return "" if tops == [0.01] else "|tops" + "-".join(f"{t:g}" for t in tops)
 
 
 def run(args) -> None:
@@ -142,6 +144,7 @@ def run(args) -> None:
         key = f"{args.setting}|{args.noise}|{seed}|{category}|{method}" + pools_suffix(
             args.pools, args.distances
         )
+        key += tops_suffix(args.tops)
         if key in done:
             continue
         store = store_for(tree, Path(args.work), args.setting, args.noise, seed)
@@ -154,11 +157,11 @@ def run(args) -> None:
         row = {"key": key, "setting": args.setting, "noise": args.noise, "seed": seed, "category": category}
         row |= {"method": method, "seconds": round(time.perf_counter() - started, 1), "pools": args.pools}
         levels = {name: LEVELS[name] for name in args.levels}
-        for (pool, distance), (name, chosen), kind, sigma in product(
-            per_pool, levels.items(), SCORES, args.sigmas
+        for (pool, distance), (name, chosen), (kind, fraction), sigma in product(
+            per_pool, levels.items(), score_kinds(args.tops).items(), args.sigmas
         ):
             maps = gaussian_blur(sum(per_pool[(pool, distance)][i] for i in chosen), sigma)
-            scores = image_score(maps, kind)
+            scores = image_scores(maps, fraction)
             metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
             variant = f"L{name}-{kind}-s{sigma:g}" + (f"-p{pool}" if pool > 1 else "")
             variant += "" if distance == "cos" else f"-d{distance}"
@@ -219,6 +222,9 @@ def main() -> None:
     )
     parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
+    parser.add_argument(
+        "--tops", type=float, nargs="+", default=[0.01], help="top fractions of the image score (besides max)"
+    )
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     report(args) if args.report else run(args)
