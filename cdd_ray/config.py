@@ -51,7 +51,8 @@ class DataConfig:
     # to this size is shuffled whole. Memory: this many decoded uint8 images per worker.
     shuffle_window: int = 2048
     # Decoded training rows (uint8) a rank may keep in Ray's object store, MiB; a rank with more
-    # reads its rows from the Parquet store itself on every pass (cdd_ray.data.parquet_rows).
+    # reads its rows from the Parquet store itself on every pass (cdd_ray.data.parquet_rows), as an
+    # in-process run (ray.num_workers=0) always does.
     object_store_mb: float = 256.0
 
 
