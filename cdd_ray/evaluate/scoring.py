@@ -39,6 +39,7 @@ from cdd_ray.models.detector import (
     distance_statistics,
     distillation_detector,
     score_in_batches,
+    teacher_features,
 )
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
@@ -110,8 +111,10 @@ def scale_from_training_rows(
         for block in rows(frozenset(ids)):
             yield from to_float(torch.from_numpy(block["image"])).split(config.ray.eval_batch_size)
 
+    device = next(iter(teacher.parameters())).device
     try:
-        scale = distance_statistics(teacher, student, batches()).scale()
+        features = teacher_features(teacher, batches())
+        scale = distance_statistics(student, features, len(teacher.channels), device).scale()
     except (StoreError, ValueError) as error:  # a row missing from the store; none; a degenerate student
         raise CheckpointError(f"{where}; rebuilding it from {source}: {error}") from error
     warnings.warn(

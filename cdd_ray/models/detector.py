@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -83,17 +83,24 @@ def distillation_detector(
 
 @torch.no_grad()
 def distance_statistics(
-    teacher: Teacher, student: nn.Module, image_batches: Iterable[torch.Tensor]
+    student: nn.Module, feature_batches: Iterable[list[torch.Tensor]], levels: int, device: torch.device
 ) -> DistanceStatistics:
-    """Sums of the per-level (1 - cos, ||T - S||) of ``student`` over ``image_batches`` (each
-    (B, 3, S, S), moved to the teacher's device), for ``DistanceStatistics.scale``."""
+    """Sums of the per-level (1 - cos, ||T - S||) of ``student`` over the teacher's ``feature_batches``
+    (each a list of ``levels`` (B, C_l, h_l, w_l) tensors on ``device``), for
+    ``DistanceStatistics.scale``. The one loop behind every ``cos_l2`` scale: a run's workers (from
+    cached or fresh teacher features), ``distance_scale`` and a rebuilt checkpoint scale."""
     student.eval()
-    device = next(iter(teacher.parameters())).device
-    statistics = DistanceStatistics(len(teacher.channels), device)
-    for batch in image_batches:
-        features = teacher(batch.to(device).float())
+    statistics = DistanceStatistics(levels, device)
+    for features in feature_batches:
         statistics.update(features, student(features))
     return statistics
+
+
+def teacher_features(teacher: Teacher, image_batches: Iterable[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """The teacher's features of each (B, 3, S, S) batch, moved to the teacher's device."""
+    device = next(iter(teacher.parameters())).device
+    for batch in image_batches:
+        yield teacher(batch.to(device).float())
 
 
 def distance_scale(
@@ -101,7 +108,9 @@ def distance_scale(
 ) -> torch.Tensor:
     """(L, 2) per-level means of (1 - cos, ||T - S||) of ``student`` over ``images`` (N, 3, S, S),
     on the teacher's device, ``batch_size`` at a time. Raises ValueError for no images."""
-    return distance_statistics(teacher, student, images.split(batch_size)).scale()
+    device = next(iter(teacher.parameters())).device
+    batches = teacher_features(teacher, images.split(batch_size))
+    return distance_statistics(student, batches, len(teacher.channels), device).scale()
 
 
 class PatchCoreDetector(nn.Module):

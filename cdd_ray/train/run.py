@@ -215,13 +215,20 @@ def _injected_flags(store: Path, sample_ids: list[str]) -> np.ndarray:
     return np.asarray([bool(flags.get(sid, False)) for sid in sample_ids])
 
 
+def partition_embeds(config: Config) -> bool:
+    """Whether partitioning embeds every training image with the teacher (a Ray Data job): a
+    ``cluster`` or ``outlier`` partition into several domains (memory-bank methods have one)."""
+    num_domains = config.train.num_domains if config.method == "distillation" else 1
+    return config.data.partition != "random" and num_domains > 1
+
+
 def partition_training_set(config: Config, store: Path) -> dict:
     """Assign every training sample a domain; returns the manifest written to domains.json.
 
     ``random`` needs only the sample ids (read without decoding); ``cluster`` and ``outlier`` embed
     every image with the teacher first. Memory-bank methods have one domain (0)."""
     num_domains = config.train.num_domains if config.method == "distillation" else 1
-    if config.data.partition == "random" or num_domains == 1:
+    if not partition_embeds(config):
         ids = split_sample_ids(store, "train", config.data.category)
         vectors = None
     else:
@@ -263,10 +270,10 @@ def rank_datasets(
     world_size = max(1, config.ray.num_workers)
     assignment = manifest["assignment"]
     datasets, parquet_ranks = {}, {}
+    # in-process (ray.num_workers=0) the one rank is this process: it reads the file itself
+    in_process = config.ray.num_workers == 0
     for rank in range(world_size):
         rows = rank_rows(assignment, manifest["num_domains"], rank, world_size).ids()
-        # in-process (ray.num_workers=0) the one rank is this process: it reads the file itself
-        in_process = config.ray.num_workers == 0
         if in_process or not uses_object_store(
             len(rows), config.data.image_size, config.data.object_store_mb
         ):
@@ -357,10 +364,7 @@ def needs_ray(config: Config) -> bool:
     job that embeds the training set with the teacher (a ``cluster`` or ``outlier`` partition into
     several domains). An in-process run with a ``random`` partition reads the Parquet store itself
     and starts no Ray (inside a Tune trial or an attached driver it uses the Ray that runs)."""
-    embeds = (
-        config.method == "distillation" and config.train.num_domains > 1 and config.data.partition != "random"
-    )
-    return config.ray.num_workers > 0 or embeds
+    return config.ray.num_workers > 0 or partition_embeds(config)
 
 
 def train(

@@ -48,8 +48,7 @@ from cdd_ray.data.sharding import rank_dataset_name, rank_rows
 from cdd_ray.data.store import split_sample_ids, write_json
 from cdd_ray.evaluate.proxy import per_image_loss, trimmed_mean
 from cdd_ray.evaluate.scoring import read_split_arrays, score_arrays, write_evaluation
-from cdd_ray.models.anomaly_map import DistanceStatistics
-from cdd_ray.models.detector import PatchCoreDetector, distillation_detector
+from cdd_ray.models.detector import PatchCoreDetector, distance_statistics, distillation_detector
 from cdd_ray.models.distillation.student import Student, student_spec
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
 from cdd_ray.models.patchcore.model import build_memory_bank
@@ -257,13 +256,13 @@ def shard_distance_scale(
 ) -> torch.Tensor:
     """The ``cos_l2`` scale (L, 2) of the evaluation student over every rank's training rows (each
     rank's shard, summed over ranks). Every rank must call it: it all-reduces."""
-    student.eval()
-    statistics = DistanceStatistics(len(teacher.channels), stream.device)
-    for rows in stream.ordered(SHARD):
-        features = stream.features(rows)
-        if features is None:
-            features = teacher(stream.images(rows))
-        statistics.update(features, student(features))
+
+    def features_of(rows) -> list[torch.Tensor]:
+        cached = stream.features(rows)
+        return cached if cached is not None else teacher(stream.images(rows))
+
+    batches = (features_of(rows) for rows in stream.ordered(SHARD))
+    statistics = distance_statistics(student, batches, len(teacher.channels), stream.device)
     if _distributed():
         totals = torch.cat([statistics.sums.flatten(), statistics.sums.new_tensor([statistics.images])])
         dist.all_reduce(totals)
