@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 STRATEGIES = ("random", "cluster", "outlier")
 HOLDOUT = -1  # the domain id of held-out training images (label-free validation, never trained on)
@@ -60,6 +59,8 @@ def cluster_partition(
 ) -> np.ndarray:
     n = len(sample_ids)
     points = _normalized(embeddings)
+    from sklearn.cluster import KMeans  # lazily: sklearn costs ~1.3 s in every Ray worker's start
+
     centers = KMeans(num_domains, n_init=10, random_state=seed).fit(points).cluster_centers_
     distances = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
     capacity = max(1, math.ceil(cap_factor * n / num_domains))

@@ -31,6 +31,7 @@ from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
     disagreement,
     global_student_loss,
+    jitter_features,
     pseudo_normal_targets,
     rd_loss,
 )
@@ -135,6 +136,7 @@ class CDDEngine:
         objective: ObjectiveConfig,
         optim: OptimConfig,
         excluded_sources: Sequence[int] = (),
+        seed: int = 0,
     ):
         self.teacher = teacher
         self.global_student = global_student
@@ -147,6 +149,9 @@ class CDDEngine:
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
         self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
         self.gate_thresholds: list[float] | None = None  # the relative gate's running quantiles
+        # the feature jitter's own stream (seeded per engine; a resumed run starts it afresh)
+        device = next(teacher.parameters()).device
+        self.jitter_generator = torch.Generator(device).manual_seed(seed + 104729)
 
     @classmethod
     def create(
@@ -170,7 +175,9 @@ class CDDEngine:
         domain_students = (
             {k: seeded_student(spec, seed + 1 + k).to(device) for k in owned} if num_domains > 1 else {}
         )
-        return cls(teacher, global_student, domain_students, num_domains, objective, optim, excluded_sources)
+        return cls(
+            teacher, global_student, domain_students, num_domains, objective, optim, excluded_sources, seed
+        )
 
     @property
     def uses_domains(self) -> bool:
@@ -178,6 +185,11 @@ class CDDEngine:
 
     def teacher_features(self, images: torch.Tensor) -> Features:
         return self.teacher(images)
+
+    def student_input(self, feats: Features) -> Features:
+        """What a student in training is fed: the teacher's features, jittered when
+        ``objective.feature_jitter`` > 0 (``jitter_features``); losses compare with the clean ones."""
+        return jitter_features(feats, self.objective.feature_jitter, self.jitter_generator)
 
     def _update(
         self, loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer, progress: float
@@ -203,7 +215,8 @@ class CDDEngine:
         student = self.domain_students[domain]
         student.train()
         feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
-        loss = _checked(rd_loss(student(feats), feats, self.objective.loss_form), f"DST of domain {domain}")
+        loss = rd_loss(student(self.student_input(feats)), feats, self.objective.loss_form)
+        _checked(loss, f"DST of domain {domain}")
         self._update(loss, student, self.domain_optimizers[domain], progress)
         return float(loss.detach())
 
@@ -233,9 +246,8 @@ class CDDEngine:
             targets = self.pseudo_normal(feats, domain_ids, students)
         gate = self.relative_gate(targets, feats) if targets is not None else None
         self.global_student.train()
-        loss = global_student_loss(
-            self.global_student(feats), feats, targets, self.objective, teacher_weights=gate
-        )
+        output = self.global_student(self.student_input(feats))
+        loss = global_student_loss(output, feats, targets, self.objective, teacher_weights=gate)
         _checked(loss, "aggregation (global student)")
         self._update(loss, self.global_student, self.global_optimizer, progress)
         if self.global_ema is not None:

@@ -47,6 +47,9 @@ class ObjectiveConfig:
     # per-image trimming: the teacher term is dropped for this share of each batch's images, those
     # whose mean disagreement between P and T is largest; 0: off
     teacher_trim: float = 0.0
+    # feature jittering of the students' input (``jitter_features``): the noise std at each position
+    # in units of that position's RMS feature value; the targets stay clean; 0: off
+    feature_jitter: float = 0.0
 
 
 def _level_loss(
@@ -63,6 +66,31 @@ def _level_loss(
             return distance.flatten(1).mean(1)
         return (distance * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(EPS)
     raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {form!r}")
+
+
+def jitter_features(
+    features: list[torch.Tensor], scale: float, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """Feature jittering (UniAD, You et al., NeurIPS 2022, section 3.3): each level (B, C, H, W) gets
+    Gaussian noise whose std at a position is ``scale * ||f||_2 / sqrt(C)``, ``scale`` times the RMS
+    of that position's C channels, so one ``scale`` means the same for levels of any width. UniAD
+    writes the std as ``s * ||f|| / C`` with s = 20 for C = 256, i.e. ``scale`` = 20 / 16 = 1.25 here.
+
+    A student that reconstructs clean targets from jittered inputs cannot copy its input through
+    (the "identical shortcut"), so it learns to map off-manifold features back to normal ones.
+    Returns new tensors (the inputs are not changed); ``scale`` 0 returns ``features`` itself.
+    Raises ValueError for a negative ``scale``.
+    """
+    if scale < 0:
+        raise ValueError(f"feature_jitter must be >= 0, got {scale}")
+    if scale == 0:
+        return features
+    jittered = []
+    for level in features:
+        rms = level.norm(dim=1, keepdim=True) / level.shape[1] ** 0.5
+        noise = torch.randn(level.shape, generator=generator, device=level.device, dtype=level.dtype)
+        jittered.append(level + noise * rms * scale)
+    return jittered
 
 
 def rd_loss(

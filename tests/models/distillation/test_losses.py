@@ -5,6 +5,7 @@ from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
     agreement_gate,
     global_student_loss,
+    jitter_features,
     pseudo_normal_targets,
     rd_loss,
 )
@@ -178,3 +179,49 @@ def test_relative_gate_drops_the_teacher_term_where_disagreement_is_in_the_top_s
     assert gate[0].shape == (2, 1, 4, 4)
     assert gate[0][:, :, :2, :2].sum() == 0 and gate[0].sum() == 2 * 12
     assert engine.relative_gate(targets, feats)[0].sum() == 2 * 12  # the running quantile holds
+
+
+def test_feature_jitter_noise_is_scaled_by_each_positions_rms_and_leaves_the_input_alone():
+    level = torch.zeros(2, 64, 3, 3)
+    level[0, :, 0, 0] = 2.0  # RMS 2 at one position
+    level[1, :, 1, 1] = 0.5  # RMS 0.5 at another; every other position is 0 and gets no noise
+    before = level.clone()
+    generator = torch.Generator().manual_seed(0)
+    (jittered,) = jitter_features([level], 1.5, generator)
+    assert torch.equal(level, before)
+    noise = jittered - level
+    assert noise[0, :, 0, 0].std().item() == pytest.approx(3.0, rel=0.25)
+    assert noise[1, :, 1, 1].std().item() == pytest.approx(0.75, rel=0.25)
+    assert noise[0, :, 1:, :].abs().max() == 0 and noise[1, :, 0, 0].abs().max() == 0
+    assert jitter_features([level], 0.0)[0] is level
+    with pytest.raises(ValueError, match="feature_jitter"):
+        jitter_features([level], -1.0)
+
+
+def test_jittered_training_feeds_the_student_noisy_features_against_clean_targets():
+    teacher = random_teacher()
+    spec = student_spec(teacher.channels, teacher.reductions)
+    images = torch.rand(4, 3, 32, 32)
+    objective = ObjectiveConfig(feature_jitter=1.0)
+    engine = CDDEngine.create(teacher, spec, 2, objective, OptimConfig(), seed=3)
+    clean = teacher(images)
+    seen, outputs = [], []
+    for student in [engine.global_student, *engine.domain_students.values()]:
+        student.register_forward_pre_hook(lambda _, args: seen.append([f.clone() for f in args[0]]))
+        student.register_forward_hook(lambda _, __, out: outputs.append([o.detach() for o in out]))
+    generator = torch.Generator().manual_seed(3 + 104729)  # the engine's own stream
+    expected = jitter_features(clean, 1.0, generator)
+    loss = engine.domain_step(0, images, teacher_feats=clean)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], expected, strict=True))
+    assert not torch.allclose(seen[0][0], clean[0])
+    # the loss compares the student's output with the clean teacher features, not its noisy input
+    assert loss == pytest.approx(float(rd_loss(outputs[0], clean)), rel=1e-5)
+    assert loss != pytest.approx(float(rd_loss(outputs[0], seen[0])), rel=1e-3)
+    seen.clear()
+    engine.global_step(images, torch.tensor([0, 1, 0, 1]), teacher_feats=clean)
+    global_inputs = seen[-1]  # the global student's input comes after the domain students' (targets)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], clean, strict=True))  # targets: clean input
+    assert not torch.allclose(global_inputs[0], clean[0])
+    # off by default: the student sees the teacher's features unchanged
+    plain = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), OptimConfig(), seed=3)
+    assert plain.student_input(clean) is clean
