@@ -263,6 +263,11 @@ def validate(config: Config) -> Config:
     _check(0 <= config.objective.teacher_trim < 1, "objective.teacher_trim", "must lie in [0, 1) (0: off)")
     _check(config.objective.feature_jitter >= 0, "objective.feature_jitter", "must be >= 0 (0: off)")
     _check(
+        0 <= config.objective.synthetic_anomalies <= 1,
+        "objective.synthetic_anomalies",
+        "must lie in [0, 1] (0: off)",
+    )
+    _check(
         not (config.objective.gating and config.objective.gate_quantile > 0),
         "objective.gate_quantile",
         "and objective.gating=true are two gates of the teacher term: choose one",

@@ -21,6 +21,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("train.epochs=two", "train.epochs: cannot use 'two'"),
         ("objective.loss_form=cosine", "objective.loss_form: must be one of"),
         ("objective.feature_jitter=-0.5", "objective.feature_jitter: must be >= 0"),
+        ("objective.synthetic_anomalies=2", "objective.synthetic_anomalies: must lie in \\[0, 1\\]"),
         ("data.partition=magic", "data.partition: must be one of"),
         ("train=3", "train is a section"),
         ("novalue", "is not key=value"),

@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
+    cut_paste,
     disagreement,
     global_student_loss,
     jitter_features,
@@ -186,9 +187,14 @@ class CDDEngine:
     def teacher_features(self, images: torch.Tensor) -> Features:
         return self.teacher(images)
 
-    def student_input(self, feats: Features) -> Features:
-        """What a student in training is fed: the teacher's features, jittered when
+    def student_input(self, feats: Features, images: torch.Tensor) -> Features:
+        """What a student in training is fed: the teacher's features of ``images``, those of images
+        with pasted patches when ``objective.synthetic_anomalies`` > 0 (``cut_paste``), jittered when
         ``objective.feature_jitter`` > 0 (``jitter_features``); losses compare with the clean ones."""
+        if self.objective.synthetic_anomalies > 0:
+            pasted = cut_paste(images, self.objective.synthetic_anomalies, self.jitter_generator)
+            with torch.no_grad():
+                feats = self.teacher_features(pasted)
         return jitter_features(feats, self.objective.feature_jitter, self.jitter_generator)
 
     def _update(
@@ -215,7 +221,7 @@ class CDDEngine:
         student = self.domain_students[domain]
         student.train()
         feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
-        loss = rd_loss(student(self.student_input(feats)), feats, self.objective.loss_form)
+        loss = rd_loss(student(self.student_input(feats, images)), feats, self.objective.loss_form)
         _checked(loss, f"DST of domain {domain}")
         self._update(loss, student, self.domain_optimizers[domain], progress)
         return float(loss.detach())
@@ -246,7 +252,7 @@ class CDDEngine:
             targets = self.pseudo_normal(feats, domain_ids, students)
         gate = self.relative_gate(targets, feats) if targets is not None else None
         self.global_student.train()
-        output = self.global_student(self.student_input(feats))
+        output = self.global_student(self.student_input(feats, images))
         loss = global_student_loss(output, feats, targets, self.objective, teacher_weights=gate)
         _checked(loss, "aggregation (global student)")
         self._update(loss, self.global_student, self.global_optimizer, progress)

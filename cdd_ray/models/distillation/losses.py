@@ -50,6 +50,9 @@ class ObjectiveConfig:
     # feature jittering of the students' input (``jitter_features``): the noise std at each position
     # in units of that position's RMS feature value; the targets stay clean; 0: off
     feature_jitter: float = 0.0
+    # share of a batch's images that get a pasted patch (``cut_paste``) in the students' input; the
+    # targets stay the teacher's features of the clean images; 0: off
+    synthetic_anomalies: float = 0.0
 
 
 def _level_loss(
@@ -91,6 +94,32 @@ def jitter_features(
         noise = torch.randn(level.shape, generator=generator, device=level.device, dtype=level.dtype)
         jittered.append(level + noise * rms * scale)
     return jittered
+
+
+def cut_paste(images: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """CutPaste (Li et al., CVPR 2021) as a synthetic anomaly: for each image of the batch (B, 3, S, S),
+    with probability ``share``, a rectangle of side 10-30 % of S, cut at a random place of another
+    image of the batch (the next one, cyclically), is pasted at a random place. Returns a new tensor;
+    a batch of one, or ``share`` 0, is returned unchanged. Raises ValueError outside [0, 1].
+    """
+    if not 0 <= share <= 1:
+        raise ValueError(f"synthetic_anomalies must lie in [0, 1], got {share}")
+    batch, _, height, width = images.shape
+    if share == 0 or batch < 2:
+        return images
+    device = images.device
+    draw = torch.rand(batch, 7, generator=generator, device=device).cpu()
+    out = images.clone()
+    donors = images.roll(1, dims=0)
+    for i, (chosen, fh, fw, sy, sx, dy, dx) in enumerate(draw.tolist()):
+        if chosen >= share:
+            continue
+        h = max(1, int(height * (0.1 + 0.2 * fh)))
+        w = max(1, int(width * (0.1 + 0.2 * fw)))
+        y0, x0 = int(sy * (height - h + 1)), int(sx * (width - w + 1))
+        y1, x1 = int(dy * (height - h + 1)), int(dx * (width - w + 1))
+        out[i, :, y1 : y1 + h, x1 : x1 + w] = donors[i, :, y0 : y0 + h, x0 : x0 + w]
+    return out
 
 
 def rd_loss(

@@ -4,6 +4,7 @@ import torch
 from cdd_ray.models.distillation.losses import (
     ObjectiveConfig,
     agreement_gate,
+    cut_paste,
     global_student_loss,
     jitter_features,
     pseudo_normal_targets,
@@ -224,4 +225,34 @@ def test_jittered_training_feeds_the_student_noisy_features_against_clean_target
     assert not torch.allclose(global_inputs[0], clean[0])
     # off by default: the student sees the teacher's features unchanged
     plain = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), OptimConfig(), seed=3)
-    assert plain.student_input(clean) is clean
+    assert plain.student_input(clean, images) is clean
+
+
+def test_cut_paste_copies_one_rectangle_of_the_next_image_into_each_chosen_image():
+    images = torch.stack([torch.full((3, 20, 20), float(i)) for i in range(4)])
+    pasted = cut_paste(images, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(images[:, 0, 0, 0], torch.arange(4.0))  # the input is not changed
+    for i in range(4):
+        changed = (pasted[i] != images[i]).any(0)
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert 2 <= h <= 6 and 2 <= w <= 6, (h, w)  # 10-30 % of the side
+        assert changed.sum() == h * w  # one rectangle
+        assert (pasted[i][:, changed] == float((i - 1) % 4)).all()  # from the previous-in-roll image
+    assert torch.equal(cut_paste(images, 0.0), images)
+    assert torch.equal(cut_paste(images[:1], 1.0), images[:1])
+    with pytest.raises(ValueError, match="synthetic_anomalies"):
+        cut_paste(images, 1.5)
+
+
+def test_synthetic_anomalies_feed_the_student_the_teachers_features_of_pasted_images():
+    teacher = random_teacher()
+    spec = student_spec(teacher.channels, teacher.reductions)
+    images = torch.rand(4, 3, 32, 32)
+    objective = ObjectiveConfig(synthetic_anomalies=1.0)
+    engine = CDDEngine.create(teacher, spec, 1, objective, OptimConfig(), seed=2)
+    clean = teacher(images)
+    fed = engine.student_input(clean, images)
+    expected = teacher(cut_paste(images, 1.0, torch.Generator().manual_seed(2 + 104729)))
+    assert all(torch.allclose(a, b) for a, b in zip(fed, expected, strict=True))
+    assert not torch.allclose(fed[0], clean[0])
