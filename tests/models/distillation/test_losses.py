@@ -199,13 +199,17 @@ def test_feature_jitter_noise_is_scaled_by_each_positions_rms_and_leaves_the_inp
         jitter_features([level], -1.0)
 
 
-def test_jittered_training_feeds_the_student_noisy_features_against_clean_targets():
+def engine_with(objective: ObjectiveConfig, num_domains: int, seed: int):
+    """An engine on a random tiny teacher, four random images and the teacher's clean features."""
     teacher = random_teacher()
     spec = student_spec(teacher.channels, teacher.reductions)
     images = torch.rand(4, 3, 32, 32)
-    objective = ObjectiveConfig(feature_jitter=1.0)
-    engine = CDDEngine.create(teacher, spec, 2, objective, OptimConfig(), seed=3)
-    clean = teacher(images)
+    engine = CDDEngine.create(teacher, spec, num_domains, objective, OptimConfig(), seed=seed)
+    return engine, images, teacher(images)
+
+
+def test_jittered_training_feeds_the_student_noisy_features_against_clean_targets():
+    engine, images, clean = engine_with(ObjectiveConfig(feature_jitter=1.0), 2, seed=3)
     seen, outputs = [], []
     for student in [engine.global_student, *engine.domain_students.values()]:
         student.register_forward_pre_hook(lambda _, args: seen.append([f.clone() for f in args[0]]))
@@ -224,7 +228,7 @@ def test_jittered_training_feeds_the_student_noisy_features_against_clean_target
     assert all(torch.equal(a, b) for a, b in zip(seen[0], clean, strict=True))  # targets: clean input
     assert not torch.allclose(global_inputs[0], clean[0])
     # off by default: the student sees the teacher's features unchanged
-    plain = CDDEngine.create(teacher, spec, 1, ObjectiveConfig(), OptimConfig(), seed=3)
+    plain, _, _ = engine_with(ObjectiveConfig(), 1, seed=3)
     assert plain.student_input(clean, images) is clean
 
 
@@ -246,13 +250,8 @@ def test_cut_paste_copies_one_rectangle_of_the_next_image_into_each_chosen_image
 
 
 def test_synthetic_anomalies_feed_the_student_the_teachers_features_of_pasted_images():
-    teacher = random_teacher()
-    spec = student_spec(teacher.channels, teacher.reductions)
-    images = torch.rand(4, 3, 32, 32)
-    objective = ObjectiveConfig(synthetic_anomalies=1.0)
-    engine = CDDEngine.create(teacher, spec, 1, objective, OptimConfig(), seed=2)
-    clean = teacher(images)
+    engine, images, clean = engine_with(ObjectiveConfig(synthetic_anomalies=1.0), 1, seed=2)
     fed = engine.student_input(clean, images)
-    expected = teacher(cut_paste(images, 1.0, torch.Generator().manual_seed(2 + 104729)))
+    expected = engine.teacher(cut_paste(images, 1.0, torch.Generator().manual_seed(2 + 104729)))
     assert all(torch.allclose(a, b) for a, b in zip(fed, expected, strict=True))
     assert not torch.allclose(fed[0], clean[0])
