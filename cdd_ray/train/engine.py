@@ -150,9 +150,8 @@ class CDDEngine:
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
         self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
         self.gate_thresholds: list[float] | None = None  # the relative gate's running quantiles
-        # the feature jitter's own stream (seeded per engine; a resumed run starts it afresh)
-        device = next(teacher.parameters()).device
-        self.jitter_generator = torch.Generator(device).manual_seed(seed + 104729)
+        self.seed = seed
+        self._augmentation_generator: torch.Generator | None = None
 
     @classmethod
     def create(
@@ -187,15 +186,26 @@ class CDDEngine:
     def teacher_features(self, images: torch.Tensor) -> Features:
         return self.teacher(images)
 
+    @property
+    def augmentation_generator(self) -> torch.Generator:
+        """The random stream of the synthetic anomalies and the feature jitter, on the teacher's
+        device, seeded by the engine's seed; made at first use (a resumed run starts it afresh)."""
+        if self._augmentation_generator is None:
+            device = next(self.teacher.parameters()).device
+            self._augmentation_generator = torch.Generator(device).manual_seed(self.seed + 104729)
+        return self._augmentation_generator
+
     def student_input(self, feats: Features, images: torch.Tensor) -> Features:
         """What a student in training is fed: the teacher's features of ``images``, those of images
         with pasted patches when ``objective.synthetic_anomalies`` > 0 (``cut_paste``), jittered when
         ``objective.feature_jitter`` > 0 (``jitter_features``); losses compare with the clean ones."""
         if self.objective.synthetic_anomalies > 0:
-            pasted = cut_paste(images, self.objective.synthetic_anomalies, self.jitter_generator)
+            pasted = cut_paste(images, self.objective.synthetic_anomalies, self.augmentation_generator)
             with torch.no_grad():
                 feats = self.teacher_features(pasted)
-        return jitter_features(feats, self.objective.feature_jitter, self.jitter_generator)
+        if self.objective.feature_jitter == 0:
+            return feats
+        return jitter_features(feats, self.objective.feature_jitter, self.augmentation_generator)
 
     def _update(
         self, loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer, progress: float
