@@ -16,6 +16,9 @@ reflect-padded images for the ``padtrain16`` variant. Image AUROC of each varian
 - ``padtrain16``: a student trained AND scored on images reflect-padded by 16 px, map cropped back
   (1.56x the pixels).
 
+``--method patchcore`` reads PatchCore's maps the same way: ``plain`` is its own image score,
+``map_max`` the maximum of its blurred map, ``border8`` / ``border16`` the maximum without the border.
+
 Also per cell: ``normal_peak_at_border``, the share of normal test images whose map maximum lies
 within 8 px of the edge (a 23 % band of a 128 px image's area).
 
@@ -55,13 +58,22 @@ def padded_maps(detector: torch.nn.Module, images: torch.Tensor, pad: int) -> to
     return maps[..., pad:-pad, pad:-pad]
 
 
-def run_cell(teacher, store: Path, category: str, seed: int) -> dict:
-    config = load_config(None, ["train.num_domains=1", f"train.seed={seed}", "train.epochs=20"])
+def run_cell(teacher, store: Path, category: str, seed: int, method: str) -> dict:
+    overrides = ["method=patchcore"] if method == "patchcore" else ["train.num_domains=1"]
+    config = load_config(None, [*overrides, f"train.seed={seed}", "train.epochs=20"])
     train, test = load(store, category, "train", SIZE), load(store, category, "test", SIZE)
     labels = test["labels"]
     detector, _ = fit_detector(config, teacher, train["images"], train["ids"])
+    maps, scores = score_in_batches(detector, test["images"])
+    if method == "patchcore":  # its own image score (the reweighted nearest-patch distance)
+        variants = {"plain": scores, "border8": maps[..., 8:-8, 8:-8], "border16": maps[..., 16:-16, 16:-16]}
+        row = {
+            name: round(float(auroc((v if v.ndim == 1 else v.flatten(1).max(1).values).numpy(), labels)), 4)
+            for name, v in variants.items()
+        }
+        row["map_max"] = round(float(auroc(maps.flatten(1).max(1).values.numpy(), labels)), 4)
+        return row | {"normal_peak_at_border": border_share(maps, labels)}
     train_maps, _ = score_in_batches(detector, train["images"])
-    maps, _ = score_in_batches(detector, test["images"])
     pad_detector, _ = fit_detector(config, teacher, reflect(train["images"], 16), train["ids"])
     mean, std = train_maps.mean(0), train_maps.std(0)
     variants = {
@@ -81,11 +93,16 @@ def run_cell(teacher, store: Path, category: str, seed: int) -> dict:
         name: round(float(auroc(image_scores(m, config.eval.top_fraction).numpy(), labels)), 4)
         for name, m in variants.items()
     }
+    return row | {"normal_peak_at_border": border_share(maps, labels)}
+
+
+def border_share(maps: torch.Tensor, labels) -> float:
+    """The share of normal images (label 0) whose map maximum lies within 8 px of the edge."""
     normal = maps[torch.as_tensor(labels == 0)]
     peak = normal.flatten(1).argmax(1)
     ys, xs = peak // SIZE, peak % SIZE
     edge = (ys < 8) | (ys >= SIZE - 8) | (xs < 8) | (xs >= SIZE - 8)
-    return row | {"normal_peak_at_border": round(float(edge.float().mean()), 3)}
+    return round(float(edge.float().mean()), 3)
 
 
 def report(rows: list[dict]) -> None:
@@ -110,6 +127,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--method", default="rd", choices=["rd", "patchcore"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
@@ -126,11 +144,14 @@ def main() -> None:
     done = {r["key"] for r in rows}
     for seed in args.seeds:
         for category in args.categories:
-            key = f"{args.setting}|{args.noise}|{seed}|{category}"
+            key = f"{args.setting}|{args.noise}|{seed}|{category}" + (
+                "" if args.method == "rd" else f"|{args.method}"
+            )
             if key in done:
                 continue
             started = time.perf_counter()
-            result = run_cell(teacher, store_for(tree, work, args.setting, args.noise, seed), category, seed)
+            store = store_for(tree, work, args.setting, args.noise, seed)
+            result = run_cell(teacher, store, category, seed, args.method)
             extra = {"normal_peak_at_border": result.pop("normal_peak_at_border")}
             row = {"key": key, "seed": seed, "category": category, "auroc": result, "diagnostics": extra}
             row["seconds"] = round(time.perf_counter() - started, 1)
