@@ -5,7 +5,8 @@ The local Ray binds its dashboard to 127.0.0.1 and keeps Ray's token authenticat
 start, since with the default each ``ray.train.report`` can block ~1.8 s (see ENVIRONMENT.md).
 
 Nothing here waits forever: a RAY_ADDRESS where nothing listens fails after ``CONNECT_TIMEOUT_S``
-(``ray.init`` alone would retry for ever), an HTTP RAY_ADDRESS (the dashboard's job address, which
+(10 s; ``CDD_RAY_CONNECT_TIMEOUT_S`` sets another bound, e.g. for a head node still booting;
+``ray.init`` alone would retry for ever), an HTTP RAY_ADDRESS (the dashboard's job address, which
 ``ray.init`` cannot use) is explained, and a run that asks for more CPUs or GPUs than a local Ray
 has is refused at once (a local Ray never grows; Ray Train would wait for ever).
 
@@ -29,6 +30,7 @@ import ray
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_ENV = "CDD_RAY_CONNECT_TIMEOUT_S"
 
 _dashboard_url: str | None = None
 _started_here = False
@@ -85,8 +87,25 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return (host, int(port)) if sep and port.isdigit() else None
 
 
-def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Refuse an HTTP address, and fail within ``timeout_s`` when nothing listens at host:port."""
+def connect_timeout_s() -> float:
+    """The bound, in seconds, of the wait for a RAY_ADDRESS to answer: ``CDD_RAY_CONNECT_TIMEOUT_S``
+    when set, else ``CONNECT_TIMEOUT_S``. Raises RayAddressError naming the variable for a value
+    that is not a positive number."""
+    text = os.environ.get(CONNECT_TIMEOUT_ENV)
+    if text is None:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise RayAddressError(f"{CONNECT_TIMEOUT_ENV}={text!r}: must be a positive number of seconds")
+    return value
+
+
+def check_address(address: str, timeout_s: float | None = None) -> None:
+    """Refuse an HTTP address, and fail within ``timeout_s`` (default ``connect_timeout_s()``) when
+    nothing listens at host:port."""
     if address.startswith(("http://", "https://")):
         raise RayAddressError(
             f"RAY_ADDRESS={address} is an HTTP address: that is a cluster's dashboard and job API, "
@@ -97,6 +116,7 @@ def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     target = _host_port(address)
     if target is None:  # "auto", "local": Ray resolves those itself
         return
+    timeout_s = connect_timeout_s() if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -9,7 +9,15 @@ import time
 import pytest
 
 from cdd_ray.cli import main
-from cdd_ray.ray_session import RayAddressError, ResourcesError, check_address, check_resources
+from cdd_ray.ray_session import (
+    CONNECT_TIMEOUT_ENV,
+    CONNECT_TIMEOUT_S,
+    RayAddressError,
+    ResourcesError,
+    check_address,
+    check_resources,
+    connect_timeout_s,
+)
 from tests.conftest import tiny_overrides
 
 
@@ -32,13 +40,30 @@ def test_an_address_where_nothing_listens_fails_within_the_bound():
     assert time.monotonic() - started < 5
 
 
+def test_the_connect_bound_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.delenv(CONNECT_TIMEOUT_ENV, raising=False)
+    assert connect_timeout_s() == CONNECT_TIMEOUT_S
+    monkeypatch.setenv(CONNECT_TIMEOUT_ENV, "1.5")
+    address = f"127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    with pytest.raises(RayAddressError, match=r"for 2 s"):  # 1.5 s, printed to the second
+        check_address(address)
+    assert 1.4 < time.monotonic() - started < 5
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        monkeypatch.setenv(CONNECT_TIMEOUT_ENV, bad)
+        with pytest.raises(RayAddressError, match=f"{CONNECT_TIMEOUT_ENV}='{bad}': must be a positive"):
+            connect_timeout_s()
+
+
 def test_train_with_a_dead_ray_address_exits_2_naming_it(tiny_store, tmp_path):
     address = f"127.0.0.1:{closed_port()}"
-    env = {**os.environ, "RAY_ADDRESS": address}
+    # a 1 s bound (the default 10 s is tested above through connect_timeout_s)
+    env = {**os.environ, "RAY_ADDRESS": address, CONNECT_TIMEOUT_ENV: "1"}
     command = [sys.executable, "-m", "cdd_ray.cli", "train", *tiny_overrides(tiny_store, tmp_path / "runs")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"RAY_ADDRESS={address}" in done.stdout.replace("\n", "")
+    printed = done.stdout.replace("\n", "")
+    assert f"RAY_ADDRESS={address}" in printed and "for 1 s" in printed
 
 
 def test_more_workers_than_a_local_ray_has_is_refused_naming_the_settings():
