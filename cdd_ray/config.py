@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -261,7 +262,11 @@ def validate(config: Config) -> Config:
     _check(config.objective.gating_temperature > 0, "objective.gating_temperature", "must be positive")
     _check(0 <= config.objective.gate_quantile < 1, "objective.gate_quantile", "must lie in [0, 1) (0: off)")
     _check(0 <= config.objective.teacher_trim < 1, "objective.teacher_trim", "must lie in [0, 1) (0: off)")
-    _check(config.objective.feature_jitter >= 0, "objective.feature_jitter", "must be >= 0 (0: off)")
+    _check(
+        0 <= config.objective.feature_jitter < math.inf,
+        "objective.feature_jitter",
+        "must be a finite number >= 0 (0: off)",
+    )
     _check(
         0 <= config.objective.synthetic_anomalies <= 1,
         "objective.synthetic_anomalies",

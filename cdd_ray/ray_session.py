@@ -120,14 +120,15 @@ def check_address(address: str, timeout_s: float | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection(target, timeout=2.0):
+            attempt = min(2.0, max(0.1, deadline - time.monotonic()))
+            with socket.create_connection(target, timeout=attempt):
                 return
         except OSError as error:
             if time.monotonic() >= deadline:
                 raise RayAddressError(
                     f"nothing answers at RAY_ADDRESS={address} (tried to connect to {target[0]}:{target[1]} "
                     f"for {timeout_s:.0f} s: {error}); is the cluster running? Unset RAY_ADDRESS to "
-                    "start a local Ray instead"
+                    f"start a local Ray instead, or set {CONNECT_TIMEOUT_ENV} to wait longer"
                 ) from error
             time.sleep(0.5)
 

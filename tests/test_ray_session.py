@@ -63,7 +63,7 @@ def test_train_with_a_dead_ray_address_exits_2_naming_it(tiny_store, tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     printed = done.stdout.replace("\n", "")
-    assert f"RAY_ADDRESS={address}" in printed and "for 1 s" in printed
+    assert f"RAY_ADDRESS={address}" in printed and "for 1 s" in printed and CONNECT_TIMEOUT_ENV in printed
 
 
 def test_more_workers_than_a_local_ray_has_is_refused_naming_the_settings():

@@ -150,7 +150,7 @@ class CDDEngine:
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
         self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
         self.gate_thresholds: list[float] | None = None  # the relative gate's running quantiles
-        self.seed = seed
+        self._augmentation_seed = seed + 104729
         self._augmentation_generator: torch.Generator | None = None
 
     @classmethod
@@ -186,13 +186,21 @@ class CDDEngine:
     def teacher_features(self, images: torch.Tensor) -> Features:
         return self.teacher(images)
 
+    def reseed_augmentation(self, seed: int) -> None:
+        """Restart the augmentation stream from ``seed``. The loops call it at every planned step with
+        a seed of (run seed, rank, step), as they seed the shuffling, so that ranks draw different
+        patches and noise and a resumed run draws what an uninterrupted one would."""
+        self._augmentation_seed = seed
+        self._augmentation_generator = None
+
     @property
     def augmentation_generator(self) -> torch.Generator:
         """The random stream of the synthetic anomalies and the feature jitter, on the teacher's
-        device, seeded by the engine's seed; made at first use (a resumed run starts it afresh)."""
+        device; made at first use after (re)seeding (a generator cannot live on every device a
+        teacher may, e.g. the meta device, so none is made while the knobs are off)."""
         if self._augmentation_generator is None:
             device = next(self.teacher.parameters()).device
-            self._augmentation_generator = torch.Generator(device).manual_seed(self.seed + 104729)
+            self._augmentation_generator = torch.Generator(device).manual_seed(self._augmentation_seed)
         return self._augmentation_generator
 
     def student_input(self, feats: Features, images: torch.Tensor) -> Features:
@@ -365,7 +373,8 @@ def fit_in_process(
     history = []
     best: tuple[float, dict] | None = None
     all_indices = torch.arange(len(images))
-    for epoch, stages in stage_plan(engine.num_domains, epochs, schedule):
+    for step, (epoch, stages) in enumerate(stage_plan(engine.num_domains, epochs, schedule)):
+        engine.reseed_augmentation(seed * 1_000_003 + step)  # as the Ray loop's rank 0 does
         record: dict[str, float] = {}
         if "dst" in stages:
             for k in sorted(engine.domain_students):

@@ -84,8 +84,8 @@ def jitter_features(
     Returns new tensors (the inputs are not changed); ``scale`` 0 returns ``features`` itself.
     Raises ValueError for a negative ``scale``.
     """
-    if scale < 0:
-        raise ValueError(f"feature_jitter must be >= 0, got {scale}")
+    if not 0 <= scale < float("inf"):
+        raise ValueError(f"feature_jitter must be a finite number >= 0, got {scale}")
     if scale == 0:
         return features
     jittered = []
@@ -99,7 +99,8 @@ def jitter_features(
 def cut_paste(images: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """CutPaste (Li et al., CVPR 2021) as a synthetic anomaly: for each image of the batch (B, 3, S, S),
     with probability ``share``, a rectangle of side 10-30 % of S, cut at a random place of another
-    image of the batch (the next one, cyclically), is pasted at a random place. Returns a new tensor;
+    image of the batch (the previous one, cyclically: image 0 takes from the last), is pasted at a
+    random place. Returns a new tensor;
     a batch of one, or ``share`` 0, is returned unchanged. Raises ValueError outside [0, 1].
     """
     if not 0 <= share <= 1:

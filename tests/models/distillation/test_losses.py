@@ -223,16 +223,21 @@ def test_jittered_training_feeds_the_student_noisy_features_against_clean_target
     assert loss == pytest.approx(float(rd_loss(outputs[0], clean)), rel=1e-5)
     assert loss != pytest.approx(float(rd_loss(outputs[0], seen[0])), rel=1e-3)
     seen.clear()
-    engine.global_step(images, torch.tensor([0, 1, 0, 1]), teacher_feats=clean)
+    outputs.clear()
+    loss = engine.global_step(images, torch.tensor([0, 1, 0, 1]), teacher_feats=clean)
     global_inputs = seen[-1]  # the global student's input comes after the domain students' (targets)
     assert all(torch.equal(a, b) for a, b in zip(seen[0], clean, strict=True))  # targets: clean input
     assert not torch.allclose(global_inputs[0], clean[0])
+    # its loss: against the clean teacher features and the domain students' clean-input targets
+    targets = pseudo_normal_targets([outputs[0], outputs[1]], torch.tensor([0, 1, 0, 1]))
+    expected = global_student_loss(outputs[-1], clean, targets, engine.objective)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
     # off by default: the student sees the teacher's features unchanged
     plain, _, _ = engine_with(ObjectiveConfig(), 1, seed=3)
     assert plain.student_input(clean, images) is clean
 
 
-def test_cut_paste_copies_one_rectangle_of_the_next_image_into_each_chosen_image():
+def test_cut_paste_copies_one_rectangle_of_the_previous_image_into_each_chosen_image():
     images = torch.stack([torch.full((3, 20, 20), float(i)) for i in range(4)])
     pasted = cut_paste(images, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(images[:, 0, 0, 0], torch.arange(4.0))  # the input is not changed
@@ -250,8 +255,33 @@ def test_cut_paste_copies_one_rectangle_of_the_next_image_into_each_chosen_image
 
 
 def test_synthetic_anomalies_feed_the_student_the_teachers_features_of_pasted_images():
-    engine, images, clean = engine_with(ObjectiveConfig(synthetic_anomalies=1.0), 1, seed=2)
+    engine, images, clean = engine_with(ObjectiveConfig(synthetic_anomalies=1.0), 2, seed=2)
     fed = engine.student_input(clean, images)
     expected = engine.teacher(cut_paste(images, 1.0, torch.Generator().manual_seed(2 + 104729)))
     assert all(torch.allclose(a, b) for a, b in zip(fed, expected, strict=True))
     assert not torch.allclose(fed[0], clean[0])
+    # both steps: the student sees the pasted images' features, the loss compares with the clean ones
+    inputs, outputs = [], []
+    for student in [engine.global_student, *engine.domain_students.values()]:
+        student.register_forward_pre_hook(lambda _, args: inputs.append([f.clone() for f in args[0]]))
+        student.register_forward_hook(lambda _, __, out: outputs.append([o.detach() for o in out]))
+    loss = engine.domain_step(0, images, teacher_feats=clean)
+    assert not torch.allclose(inputs[0][0], clean[0])
+    assert loss == pytest.approx(float(rd_loss(outputs[0], clean)), rel=1e-5)
+    inputs.clear()
+    outputs.clear()
+    engine.global_step(images, torch.tensor([0, 1, 0, 1]), teacher_feats=clean)
+    # the domain students give the targets from the clean features; the global student comes last
+    assert all(torch.equal(a, b) for a, b in zip(inputs[0], clean, strict=True))
+    assert not torch.allclose(inputs[-1][0], clean[0])
+
+
+def test_the_augmentation_stream_restarts_from_each_steps_seed():
+    engine, images, clean = engine_with(ObjectiveConfig(feature_jitter=1.0), 1, seed=0)
+    engine.reseed_augmentation(77)
+    first = engine.student_input(clean, images)
+    assert torch.equal(first[0], jitter_features(clean, 1.0, torch.Generator().manual_seed(77))[0])
+    engine.reseed_augmentation(77)
+    assert torch.equal(engine.student_input(clean, images)[0], first[0])  # a resumed step draws alike
+    engine.reseed_augmentation(78)
+    assert not torch.equal(engine.student_input(clean, images)[0], first[0])  # another rank or step
