@@ -436,8 +436,9 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
     for step, (epoch, stage_names) in enumerate(stages[done:], start=done):
         # Shuffling (and the students' input augmentation, when on) seeded per (seed, rank, step): a
         # resumed run draws what an uninterrupted one would, and ranks draw differently.
-        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + rank * 10_007 + step)
-        engine.reseed_augmentation(config.train.seed * 1_000_003 + rank * 10_007 + step)
+        step_seed = config.train.seed * 1_000_003 + rank * 10_007 + step
+        generator = torch.Generator().manual_seed(step_seed)
+        engine.reseed_augmentation(step_seed)
         trace.mark("step_start", step)
         started = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch + 1, "step": step + 1}
