@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray per test session, tiny synthetic stores, tiny-model configs."""
+"""Shared fixtures: one local Ray per test session, tiny synthetic stores, tiny-model configs, and one
+two-worker Ray Train run that several tests check (the uninterrupted reference of the fault test)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,28 @@ def tiny_overrides(store: Path, storage: Path, **extra: object) -> list[str]:
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
+
+
+# One two-worker Ray Train run shared by the tests that need one (each fit costs tens of seconds):
+# K = 3 on 2 workers (round robin), schedule alternate, 2 epochs, a checkpoint per epoch, traced.
+# alternate: both stages every epoch, so (stage, step) names one epoch and checkpoints count epochs
+TWO_WORKER_RUN = {
+    "train.num_domains": 3,
+    "train.schedule": "alternate",
+    "train.epochs": 2,
+    "train.checkpoint_every": 1,
+    "ray.max_failures": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(ray_session, tiny_store, tmp_path_factory):
+    """(config, run_dir, checkpoint, metrics, trace_dir) of the uninterrupted reference run."""
+    from cdd_ray.config import load_config
+    from cdd_ray.train.run import train
+
+    storage = tmp_path_factory.mktemp("reference-runs")
+    trace = Path(tmp_path_factory.mktemp("reference-trace"))
+    config = load_config(None, tiny_overrides(tiny_store, storage, name="uninterrupted", **TWO_WORKER_RUN))
+    run_dir, checkpoint, metrics = train(config, trace_dir=str(trace))
+    return config, run_dir, checkpoint, metrics, trace

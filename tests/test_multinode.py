@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on this machine: placement across nodes, shared storage, job submission.
+"""A real two-node Ray cluster on this machine: placement across nodes, shared storage, a killed
+driver resumed, a lost worker restarted, job submission.
 
 Two `ray start --block` processes (loopback only, token authentication on, 1 CPU each plus a node
 label resource) form the cluster; the test drives it through subprocesses (this process already
@@ -7,6 +8,7 @@ holds the session's Ray) and stops both nodes by their process ids, never with `
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -19,9 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from cdd_ray.evaluate.scoring import METRICS_FILE
+from cdd_ray.ray_session import LOG_FILE
 from cdd_ray.train.checkpoint import load_domains, load_global
-from cdd_ray.train.run import latest_checkpoint
-from tests.conftest import tiny_overrides
+from cdd_ray.train.run import FAULT_ENV, PROGRESS_FILE, TRACE_ENV, latest_checkpoint
+from tests.conftest import TWO_WORKER_RUN, tiny_overrides
+from tests.test_interrupts import epochs_reported, wait_for
+from tests.train.test_distributed import read_trace
+from tests.train.test_faults import assert_same_weights, checkpoint_epochs
 
 pytestmark = pytest.mark.ray
 
@@ -147,50 +154,114 @@ def scrape(ports: list[int]) -> str:
     return text
 
 
-def test_two_nodes_spread_domain_students_and_run_a_token_authenticated_job(two_nodes, tiny_store, tmp_path):
+class Gauges:
+    """The cdd-ray lines of both nodes' metrics endpoints, kept from every scrape: with `alternate`
+    both losses are exported each epoch, but only while a run trains."""
+
+    def __init__(self, ports: list[int]):
+        self.ports, self.seen = ports, ""
+
+    def scrape(self) -> None:
+        if "cdd_ray_loss_global" not in self.seen or "cdd_ray_loss_domain" not in self.seen:
+            lines = scrape(self.ports).splitlines()
+            self.seen += "".join(line + "\n" for line in lines if "cdd_ray_" in line)
+
+
+def test_two_nodes_spread_domain_students_survive_a_killed_driver_and_a_lost_worker_then_run_a_job(
+    two_worker_run, two_nodes, tiny_store, tmp_path
+):  # the reference run first: it uses the session's Ray, not the two nodes
+    """One run on two nodes, interrupted twice, ends with the weights of the uninterrupted run:
+
+    1. the attached driver is SIGKILLed mid-epoch 2, after epoch 1's checkpoint (as when a login
+       node or laptop dies): its Train controller and workers go with it;
+    2. the same command resumes from epoch 1, and rank 1's process exits mid-epoch 2: Ray Train
+       restarts the worker group from the last checkpoint (epoch 1) and step 1 runs again.
+    """
+    _, _, ref_checkpoint, ref_metrics, _ = two_worker_run  # the same settings, never interrupted
     # Storage both nodes share: one machine's file system stands in for NFS here.
     storage = tmp_path / "shared-runs"
-    overrides = tiny_overrides(
-        tiny_store,
-        storage,
-        **{
-            "name": "spread",
-            "train.num_domains": 2,
-            "train.epochs": 3,
-            "ray.num_workers": 2,
-            "ray.cpus_per_worker": 1,
-            "ray.placement_strategy": "SPREAD",
-            "eval.score_test": "false",
-        },
-    )
-    train = subprocess.Popen(
-        [sys.executable, "-m", "cdd_ray.cli", "train", *overrides],
-        env={**two_nodes.env, "RAY_ADDRESS": two_nodes.gcs_address},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    # The gauges are live while the run trains. With the `sequential` schedule the domain losses are
-    # exported during the DST epochs and the global loss afterwards, so keep every cdd-ray line seen.
-    seen_metrics = ""
-    while train.poll() is None:
-        if "cdd_ray_loss_global" not in seen_metrics or "cdd_ray_loss_domain" not in seen_metrics:
-            lines = scrape(two_nodes.metrics_ports).splitlines()
-            seen_metrics += "".join(line + "\n" for line in lines if "cdd_ray_" in line)
-        time.sleep(0.5)
-    output = train.stdout.read()
-    assert train.returncode == 0, output[-4000:] + two_nodes.log_tail()
-
+    overrides = {**TWO_WORKER_RUN, "ray.cpus_per_worker": 1, "ray.placement_strategy": "SPREAD"}
+    command = [
+        sys.executable,
+        "-m",
+        "cdd_ray.cli",
+        "train",
+        *tiny_overrides(tiny_store, storage, name="spread", **overrides),
+    ]
+    env = {**two_nodes.env, "RAY_ADDRESS": two_nodes.gcs_address}
     run_dir = storage / "spread"
+    gauges = Gauges(two_nodes.metrics_ports)
+
+    # Rank 0 stalls at the start of epoch 2 (step 1), after epoch 1's checkpoint.
+    stalled = tmp_path / "stalled"
+    stall = {"action": "stall", "seconds": 300, "rank": 0, "step": 1, "batch": 0, "marker": str(stalled)}
+    stall_env = {**env, FAULT_ENV: json.dumps(stall)}
+    with subprocess.Popen(
+        command, env=stall_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as first:
+
+        def stalled_after_epoch_1() -> bool:
+            return stalled.exists() and epochs_reported(run_dir) == [1]
+
+        wait_for(stalled_after_epoch_1, 600, first, "epoch 1 and the stall", tick=gauges.scrape)
+        first.kill()  # SIGKILL: no handler, no cleanup
+    assert load_global(latest_checkpoint(run_dir))["epoch"] == 1
+
+    # The same command; rank 1 exits after the first aggregation batch of epoch 2 (mid-epoch).
+    exited, trace = tmp_path / "exited", tmp_path / "trace"
+    trace.mkdir()
+    exit_fault = {
+        "action": "exit",
+        "rank": 1,
+        "stage": "global",
+        "step": 1,
+        "batch": 1,
+        "marker": str(exited),
+    }
+    again_env = {**env, FAULT_ENV: json.dumps(exit_fault), TRACE_ENV: str(trace)}
+    console_file = tmp_path / "console.txt"  # a file, not a pipe: a long traceback cannot block it
+    with (
+        console_file.open("w") as sink,
+        subprocess.Popen(command, env=again_env, stdout=sink, stderr=subprocess.STDOUT) as again,
+    ):
+        wait_for(lambda: again.poll() is not None, 600, again, "the resumed run to end", tick=gauges.scrape)
+    output = console_file.read_text()
+    assert again.returncode == 0, output[-4000:] + two_nodes.log_tail()
+    assert epochs_reported(run_dir) == [1, 2], "the second command did not continue from epoch 1"
+    assert exited.is_file(), "the worker fault never fired"
+    events = read_trace(trace)
+    first_batches = [e for e in events if e["rank"] == 1 and e["step"] == 1 and e["stage"] == "global"]
+    assert len(first_batches) > len({tuple(e["sample_ids"]) for e in first_batches}), "step 1 did not restart"
+    assert checkpoint_epochs(run_dir) == [1, 2]
+    # Quiet by default: Ray's and the workers' lines go to the run's log file, not to the console.
+    console = output.splitlines()
+    ray_pattern = re.compile(r"\bINFO\b|\(RayTrainWorker|\(pid=|TrainingReport\(")
+    ray_lines = [line for line in console if ray_pattern.search(line)]
+    assert not ray_lines and len(console) <= 24, "\n".join(console)
+    assert "INFO" in (run_dir / LOG_FILE).read_text()
+
+    # Each node wrote its own domain file into the shared run (K = 3 round robin on 2 workers).
     workers = json.loads((run_dir / "workers.json").read_text())["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
-    assert [w["domains"] for w in workers] == [[0], [1]]
-    assert workers[0]["node_id"] != workers[1]["node_id"], "both domain students trained on one node"
+    assert [w["domains"] for w in workers] == [[0, 2], [1]]
+    assert workers[0]["node_id"] != workers[1]["node_id"], "both ranks trained on one node"
     checkpoint = latest_checkpoint(run_dir)
-    students, _ = load_domains(checkpoint)  # each node wrote its own domain file into the shared run
-    assert sorted(students) == [0, 1] and load_global(checkpoint)["epoch"] == 3
+    assert load_global(checkpoint)["epoch"] == 2
+    # Fixed seed, CPU, one torch thread per worker: killed, resumed, restarted and spread over two
+    # nodes, the run is the uninterrupted one, weight for weight (EMA included).
+    for key in ("global_student", "global_ema", "evaluation_student"):
+        assert_same_weights(load_global(checkpoint)[key], load_global(ref_checkpoint)[key])
+    students, _ = load_domains(checkpoint)
+    ref_students, _ = load_domains(ref_checkpoint)
+    assert sorted(students) == [0, 1, 2]
+    for k in (0, 1, 2):
+        assert_same_weights(students[k], ref_students[k])
+    last = json.loads((run_dir / PROGRESS_FILE).read_text().splitlines()[-1])
+    assert last["loss_global"] == pytest.approx(ref_metrics["loss_global"], abs=1e-6)
+    written = json.loads((run_dir / METRICS_FILE).read_text())
+    assert written["image_auroc"] == pytest.approx(ref_metrics["image_auroc"], abs=1e-9)
     for expected in ('run="spread"', "cdd_ray_loss_domain", "cdd_ray_loss_global"):
-        assert expected in seen_metrics, seen_metrics[-2000:]
+        assert expected in gauges.seen, gauges.seen[-2000:]
 
     # Job submission through the dashboard's job API, with the token; and refused without it.
     out = tmp_path / "job-store"

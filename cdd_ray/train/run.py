@@ -58,6 +58,7 @@ RUN_FILE = "run.json"
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 RUN_FORMAT_VERSION = 2
 FAULT_ENV = "CDD_RAY_TEST_FAULT"
+TRACE_ENV = "CDD_RAY_TRACE_DIR"
 # Settings a resumed run must share with the run it continues (the rest, e.g. epochs, may change).
 RESUME_KEYS = (
     ("method",),
@@ -378,8 +379,11 @@ def train(
 
     ``callbacks`` join the run's own (e.g. Tune's TuneReportCallback inside a sweep trial).
     ``fault`` (tests only; also read as JSON from the environment variable ``CDD_RAY_TEST_FAULT``)
-    injects a worker fault, see ``cdd_ray.train.worker.Fault``."""
+    injects a worker fault, see ``cdd_ray.train.worker.Fault``. ``trace_dir`` (the fixed-cost
+    benchmark and tests; also read from ``CDD_RAY_TRACE_DIR``) gets the driver's timed events and
+    each rank's batches, digests and timings as JSON lines."""
     console = console or Console()
+    trace_dir = trace_dir or os.environ.get(TRACE_ENV) or None
     mark = DriverTrace(trace_dir)
     store = Path(config.data.path).resolve()
     store_info = check_store(store)
