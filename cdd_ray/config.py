@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from cdd_ray.models.anomaly_map import DISTANCES
-from cdd_ray.models.distillation.losses import AGGREGATIONS, LOSS_FORMS, ObjectiveConfig
+from cdd_ray.models.distillation.losses import AGGREGATIONS, AUGMENTS, LOSS_FORMS, ObjectiveConfig
 from cdd_ray.models.distillation.student import StudentConfig, check_student
 from cdd_ray.models.patchcore.memory_bank import SEARCH_BACKENDS
 from cdd_ray.models.patchcore.model import MemoryBankConfig
@@ -247,6 +247,7 @@ def validate(config: Config) -> Config:
         0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)"
     )
     _check(config.objective.loss_form in LOSS_FORMS, "objective.loss_form", f"must be one of {LOSS_FORMS}")
+    _check(config.objective.augment in AUGMENTS, "objective.augment", f"must be one of {AUGMENTS}")
     _check(
         config.objective.aggregation in AGGREGATIONS,
         "objective.aggregation",

@@ -23,6 +23,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("objective.feature_jitter=-0.5", "objective.feature_jitter: must be a finite number >= 0"),
         ("objective.feature_jitter=inf", "objective.feature_jitter: must be a finite number >= 0"),
         ("objective.synthetic_anomalies=2", "objective.synthetic_anomalies: must lie in \\[0, 1\\]"),
+        ("objective.augment=rot90", "objective.augment: must be one of"),
         ("data.partition=magic", "data.partition: must be one of"),
         ("train=3", "train is a section"),
         ("novalue", "is not key=value"),

@@ -34,6 +34,7 @@ from cdd_ray.models.distillation.losses import (
     global_student_loss,
     jitter_features,
     pseudo_normal_targets,
+    random_dihedral,
     rd_loss,
 )
 from cdd_ray.models.distillation.student import Student, StudentSpec
@@ -195,13 +196,25 @@ class CDDEngine:
 
     @property
     def augmentation_generator(self) -> torch.Generator:
-        """The random stream of the synthetic anomalies and the feature jitter, on the teacher's
-        device; made at first use after (re)seeding (a generator cannot live on every device a
-        teacher may, e.g. the meta device, so none is made while the knobs are off)."""
+        """The random stream of the geometric augmentation, the synthetic anomalies and the feature
+        jitter, on the teacher's device; made at first use after (re)seeding (a generator cannot
+        live on every device a teacher may, e.g. the meta device, so none is made while the knobs
+        are off)."""
         if self._augmentation_generator is None:
             device = next(self.teacher.parameters()).device
             self._augmentation_generator = torch.Generator(device).manual_seed(self._augmentation_seed)
         return self._augmentation_generator
+
+    def training_pair(self, images: torch.Tensor, feats: Features | None) -> tuple[torch.Tensor, Features]:
+        """The images a step trains on and the teacher's features of them: with
+        ``objective.augment`` other than ``none``, each image transformed by a random symmetry
+        (``random_dihedral``) and its features taken afresh (one more teacher pass per step, the
+        cache cannot hold them); otherwise ``feats`` (the cached features) or the teacher's."""
+        if self.objective.augment != "none":
+            images = random_dihedral(images, self.objective.augment, self.augmentation_generator)
+            with torch.no_grad():
+                return images, self.teacher_features(images)
+        return images, feats if feats is not None else self.teacher_features(images)
 
     def student_input(self, feats: Features, images: torch.Tensor) -> Features:
         """What a student in training is fed: the teacher's features of ``images``, those of images
@@ -238,7 +251,7 @@ class CDDEngine:
         (0..1): how far this student's training has come, for the learning-rate schedule."""
         student = self.domain_students[domain]
         student.train()
-        feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
+        images, feats = self.training_pair(images, teacher_feats)
         loss = rd_loss(student(self.student_input(feats, images)), feats, self.objective.loss_form)
         _checked(loss, f"DST of domain {domain}")
         self._update(loss, student, self.domain_optimizers[domain], progress)
@@ -263,7 +276,7 @@ class CDDEngine:
         progress: float = 0.0,
     ) -> float:
         """One aggregation step of the global student (plain RD when K = 1), then the EMA update."""
-        feats = teacher_feats if teacher_feats is not None else self.teacher_features(images)
+        images, feats = self.training_pair(images, teacher_feats)
         targets = None
         if self.uses_domains:
             students = all_domain_students if all_domain_students is not None else self.all_domain_students()

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 LOSS_FORMS = ("flat", "pixel")
 AGGREGATIONS = ("mean", "median")
+# geometric augmentation of the training images: none, a random flip (horizontal, vertical, both or
+# none), or a random element of the dihedral group D4 (the four 90-degree rotations, each flipped or not)
+AUGMENTS = ("none", "flips", "d4")
 EPS = 1e-8
 
 
@@ -53,6 +56,9 @@ class ObjectiveConfig:
     # share of a batch's images that get a pasted patch (``cut_paste``) in the students' input; the
     # targets stay the teacher's features of the clean images; 0: off
     synthetic_anomalies: float = 0.0
+    # geometric augmentation of the training images (``random_dihedral``, one of AUGMENTS): the
+    # teacher's features are taken of the transformed images, which become input and target alike
+    augment: str = "none"
 
 
 def _level_loss(
@@ -121,6 +127,37 @@ def cut_paste(images: torch.Tensor, share: float, generator: torch.Generator | N
         y1, x1 = int(dy * (height - h + 1)), int(dx * (width - w + 1))
         out[i, :, y1 : y1 + h, x1 : x1 + w] = donors[i, :, y0 : y0 + h, x0 : x0 + w]
     return out
+
+
+def random_dihedral(
+    images: torch.Tensor, group: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Each image of the batch (B, C, H, W) transformed by its own uniformly drawn element of
+    ``group``: ``flips`` (identity, horizontal, vertical, both: the 180-degree rotation) or ``d4``
+    (those four composed with a transpose: all eight symmetries of a square, which need H == W).
+    Label-preserving for textures and for objects whose orientation varies; a user whose normal
+    images have a fixed orientation (most MVTec objects) should keep ``none``.
+    Returns a new tensor (``none``: ``images`` itself). Raises ValueError for another ``group`` or
+    for ``d4`` on non-square images.
+    """
+    if group not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {group!r}")
+    if group == "none":
+        return images
+    if group == "d4" and images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"augment=d4 needs square images, got {tuple(images.shape[-2:])}")
+    count = 8 if group == "d4" else 4
+    draws = torch.randint(count, (images.shape[0],), generator=generator, device=images.device).tolist()
+    out = []
+    for image, draw in zip(images, draws, strict=True):
+        if draw & 1:
+            image = image.flip(-1)
+        if draw & 2:
+            image = image.flip(-2)
+        if draw & 4:
+            image = image.transpose(-1, -2)
+        out.append(image)
+    return torch.stack(out)
 
 
 def rd_loss(

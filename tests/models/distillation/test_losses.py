@@ -8,6 +8,7 @@ from cdd_ray.models.distillation.losses import (
     global_student_loss,
     jitter_features,
     pseudo_normal_targets,
+    random_dihedral,
     rd_loss,
 )
 from cdd_ray.models.distillation.student import student_spec
@@ -285,3 +286,43 @@ def test_the_augmentation_stream_restarts_from_each_steps_seed():
     assert torch.equal(engine.student_input(clean, images)[0], first[0])  # a resumed step draws alike
     engine.reseed_augmentation(78)
     assert not torch.equal(engine.student_input(clean, images)[0], first[0])  # another rank or step
+
+
+def test_random_dihedral_gives_each_image_one_symmetry_of_its_group():
+    image = torch.arange(2 * 3 * 3.0).reshape(2, 3, 3)
+    flips = [image, image.flip(-1), image.flip(-2), image.flip(-1, -2)]
+    group = {"flips": flips, "d4": flips + [f.transpose(-1, -2) for f in flips]}
+    key = {name: {str(x.tolist()) for x in members} for name, members in group.items()}
+    assert len(key["flips"]) == 4 and len(key["d4"]) == 8
+    batch = image.expand(64, -1, -1, -1)
+    for name in ("flips", "d4"):
+        out = random_dihedral(batch, name, torch.Generator().manual_seed(0))
+        assert {str(x.tolist()) for x in out} == key[name]  # every element drawn, nothing else
+        assert torch.equal(out, random_dihedral(batch, name, torch.Generator().manual_seed(0)))
+    assert random_dihedral(batch, "none") is batch
+    with pytest.raises(ValueError, match="augment must be one of"):
+        random_dihedral(batch, "rot")
+    with pytest.raises(ValueError, match="square"):
+        random_dihedral(torch.zeros(2, 3, 4, 6), "d4")
+
+
+def test_augmented_steps_train_on_the_teachers_features_of_the_transformed_images():
+    engine, images, clean = engine_with(ObjectiveConfig(augment="d4"), 2, seed=5)
+    inputs, outputs = [], []
+    for student in [engine.global_student, *engine.domain_students.values()]:
+        student.register_forward_pre_hook(lambda _, args: inputs.append([f.clone() for f in args[0]]))
+        student.register_forward_hook(lambda _, __, out: outputs.append([o.detach() for o in out]))
+    transformed = random_dihedral(images, "d4", torch.Generator().manual_seed(5 + 104729))
+    assert not torch.equal(transformed, images)
+    expected = engine.teacher(transformed)
+    loss = engine.domain_step(0, images, teacher_feats=clean)  # the cached features are not used
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(inputs[0], expected, strict=True))
+    assert loss == pytest.approx(float(rd_loss(outputs[0], expected)), rel=1e-5)
+    inputs.clear()
+    outputs.clear()
+    engine.reseed_augmentation(9)
+    engine.global_step(images, torch.tensor([0, 1, 0, 1]), teacher_feats=clean)
+    expected = engine.teacher(random_dihedral(images, "d4", torch.Generator().manual_seed(9)))
+    # the domain students' targets and the global student's input: the same transformed features
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(inputs[0], expected, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(inputs[-1], expected, strict=True))
