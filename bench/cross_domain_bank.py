@@ -1,15 +1,16 @@
 """Probe: a memory bank cleaned by cross-domain distillation scores (photo benchmark, in-process).
 
 CDD trains one domain student per domain; a domain student never saw the images of the other
-domains, so its anomaly map on such an image is an unbiased anomaly score of that training image,
+domains, so its anomaly map of such an image is an out-of-sample anomaly score of that training image,
 patch by patch. This probe drops from PatchCore's memory bank the training patches that the other
-domain's student finds most anomalous (the share ``--drop``, as SoftPatch drops its most isolated
+domain's student finds most anomalous (each share of ``--drops``, as SoftPatch drops its most isolated
 patches), then builds the coreset of the rest and scores the test set as PatchCore does. Side by
 side in every cell (category, seed), on the same teacher and features:
 
 - ``patchcore``: the bank of all training patches;
 - ``softpatch``: the product's SoftPatch (LOF per position, 15 % dropped, soft weights);
-- ``xd``: the bank without the ``--drop`` share of patches with the highest cross-domain score;
+- ``xd{drop}``: the bank without that share of patches with the highest cross-domain score (no
+  soft weights, unlike SoftPatch);
 - ``cdd``: the CDD detector itself (its global student), for reference.
 
 Cross-domain score of a training image of domain d: the mean over the other domains' students of
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photo_quality import CATEGORIES, store_for  # noqa: E402
+from quality_grid import mean_std  # noqa: E402
 from synthetic_quality import load  # noqa: E402
 
 from cdd_ray.config import excluded_target_domains, load_config  # noqa: E402
@@ -171,9 +173,9 @@ def report(paths: list[str]) -> None:
             pixel = np.mean([c[method]["pixel_auroc"] for c in cells])
             aupro = np.mean([c[method]["aupro"] for c in cells])
             print(
-                f"| {method} | {np.mean(per_seed):.3f} +- {np.std(per_seed):.3f} | "
+                f"| {method} | {mean_std(per_seed)} | "
                 f"{worst[method]['image_auroc']:.3f} ({worst['category']}, s{worst['seed']}) | {pixel:.3f} | "
-                f"{aupro:.3f} | {np.mean(diffs):+.3f} +- {np.std(diffs):.3f} | {min(diffs):+.3f} |"
+                f"{aupro:.3f} | {mean_std(diffs, signed=True)} | {min(diffs):+.3f} |"
             )
         found = [c["injected_auroc"] for c in cells if "injected_auroc" in c]
         if found:
@@ -195,6 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
+    if args.domains < 2:
+        parser.error("--domains must be >= 2: a training image needs a domain student that never saw it")
     if args.report:
         report(args.out)
         return
@@ -212,7 +216,8 @@ def main() -> None:
     for seed in args.seeds:
         store = store_for(tree, work, args.setting, args.noise, seed)
         for category in args.categories:
-            key = f"{setting}|{args.noise:g}|{seed}|{category}|K{args.domains}|{args.epochs}"
+            drops = "-".join(f"{d:g}" for d in args.drops)
+            key = f"{setting}|{args.noise:g}|{seed}|{category}|K{args.domains}|{args.epochs}|drops{drops}"
             if key in done:
                 continue
             result = run_cell(teacher, store, category, seed, args)

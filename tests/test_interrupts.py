@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen, what: str, ti
     names what it waited for and whether the command ended first."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        if process.poll() is not None:
+        if process.poll() is not None and not predicate():  # it may have ended since the check
             raise AssertionError(f"the command ended (code {process.returncode}) before {what}")
         if time.monotonic() > deadline:
             process.kill()

@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on this machine: placement across nodes, shared storage, a killed
 driver resumed, a lost worker restarted, job submission.
 
-Two `ray start --block` processes (loopback only, token authentication on, 1 CPU each plus a node
+Two `ray start --block` processes (loopback only, token authentication on, 2 CPUs each plus a node
 label resource) form the cluster; the test drives it through subprocesses (this process already
 holds the session's Ray) and stops both nodes by their process ids, never with `ray stop`.
 """
@@ -64,7 +64,8 @@ class TwoNodeCluster:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
         }
         self.env.pop("RAY_ADDRESS", None)
-        common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block"]
+        # 2 CPUs per node: both 1-CPU workers fit on one node, so only SPREAD puts them on two
+        common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--block"]
         head = [
             "--head",
             f"--port={gcs}",
@@ -172,10 +173,10 @@ def test_two_nodes_spread_domain_students_survive_a_killed_driver_and_a_lost_wor
 ):  # the reference run first: it uses the session's Ray, not the two nodes
     """One run on two nodes, interrupted twice, ends with the weights of the uninterrupted run:
 
-    1. the attached driver is SIGKILLed mid-epoch 2, after epoch 1's checkpoint (as when a login
-       node or laptop dies): its Train controller and workers go with it;
-    2. the same command resumes from epoch 1, and rank 1's process exits mid-epoch 2: Ray Train
-       restarts the worker group from the last checkpoint (epoch 1) and step 1 runs again.
+    1. rank 1's process exits mid-epoch 2: Ray Train restarts the worker group from the last
+       checkpoint this fit reported (epoch 1), and step 1 runs again;
+    2. the attached driver is then SIGKILLed mid-epoch 2 (as when a login node or laptop dies):
+       its Train controller and workers go with it; the same command resumes from epoch 1.
     """
     _, _, ref_checkpoint, ref_metrics, _ = two_worker_run  # the same settings, never interrupted
     # Storage both nodes share: one machine's file system stands in for NFS here.
@@ -192,46 +193,52 @@ def test_two_nodes_spread_domain_students_survive_a_killed_driver_and_a_lost_wor
     run_dir = storage / "spread"
     gauges = Gauges(two_nodes.metrics_ports)
 
-    # Rank 0 stalls at the start of epoch 2 (step 1), after epoch 1's checkpoint.
-    stalled = tmp_path / "stalled"
-    stall = {"action": "stall", "seconds": 300, "rank": 0, "step": 1, "batch": 0, "marker": str(stalled)}
-    stall_env = {**env, FAULT_ENV: json.dumps(stall)}
+    # Epoch 2's aggregation (step 1, after epoch 1's checkpoint): rank 1 exits before its batch 1,
+    # and Ray Train restarts the group from that checkpoint, reported in this same fit; rank 0 then
+    # stalls at batch 0 of the restarted step (only after the exit: its `after` marker), and the
+    # driver is killed there.
+    exited, stalled, trace = tmp_path / "exited", tmp_path / "stalled", tmp_path / "trace"
+    faults = [
+        {"action": "exit", "rank": 1, "stage": "global", "step": 1, "batch": 1, "marker": str(exited)},
+        {
+            "action": "stall",
+            "seconds": 300,
+            "rank": 0,
+            "stage": "global",
+            "step": 1,
+            "batch": 0,
+            "marker": str(stalled),
+            "after": str(exited),
+        },
+    ]
+    first_env = {**env, FAULT_ENV: json.dumps(faults), TRACE_ENV: str(trace)}
     with subprocess.Popen(
-        command, env=stall_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, env=first_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     ) as first:
 
-        def stalled_after_epoch_1() -> bool:
+        def stalled_after_the_restart() -> bool:
             return stalled.exists() and epochs_reported(run_dir) == [1]
 
-        wait_for(stalled_after_epoch_1, 600, first, "epoch 1 and the stall", tick=gauges.scrape)
+        wait_for(stalled_after_the_restart, 600, first, "the restart and the stall", tick=gauges.scrape)
         first.kill()  # SIGKILL: no handler, no cleanup
+    assert exited.is_file(), "the worker fault never fired"
+    events = read_trace(trace)
+    # the batches of step 1 that ran before the exit ran again after it, on both ranks
+    for rank, stage in ((0, "dst"), (1, "global")):
+        seen = [e for e in events if e["rank"] == rank and e["step"] == 1 and e["stage"] == stage]
+        assert len(seen) > len({tuple(e["sample_ids"]) for e in seen}), f"step 1 did not restart ({rank})"
     assert load_global(latest_checkpoint(run_dir))["epoch"] == 1
 
-    # The same command; rank 1 exits after the first aggregation batch of epoch 2 (mid-epoch).
-    exited, trace = tmp_path / "exited", tmp_path / "trace"
-    trace.mkdir()
-    exit_fault = {
-        "action": "exit",
-        "rank": 1,
-        "stage": "global",
-        "step": 1,
-        "batch": 1,
-        "marker": str(exited),
-    }
-    again_env = {**env, FAULT_ENV: json.dumps(exit_fault), TRACE_ENV: str(trace)}
+    # The same command, no fault: it resumes from epoch 1 and trains epoch 2.
     console_file = tmp_path / "console.txt"  # a file, not a pipe: a long traceback cannot block it
     with (
         console_file.open("w") as sink,
-        subprocess.Popen(command, env=again_env, stdout=sink, stderr=subprocess.STDOUT) as again,
+        subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT) as again,
     ):
         wait_for(lambda: again.poll() is not None, 600, again, "the resumed run to end", tick=gauges.scrape)
     output = console_file.read_text()
     assert again.returncode == 0, output[-4000:] + two_nodes.log_tail()
     assert epochs_reported(run_dir) == [1, 2], "the second command did not continue from epoch 1"
-    assert exited.is_file(), "the worker fault never fired"
-    events = read_trace(trace)
-    first_batches = [e for e in events if e["rank"] == 1 and e["step"] == 1 and e["stage"] == "global"]
-    assert len(first_batches) > len({tuple(e["sample_ids"]) for e in first_batches}), "step 1 did not restart"
     assert checkpoint_epochs(run_dir) == [1, 2]
     # Quiet by default: Ray's and the workers' lines go to the run's log file, not to the console.
     console = output.splitlines()

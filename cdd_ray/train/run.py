@@ -380,8 +380,9 @@ def train(
     ``callbacks`` join the run's own (e.g. Tune's TuneReportCallback inside a sweep trial).
     ``fault`` (tests only; also read as JSON from the environment variable ``CDD_RAY_TEST_FAULT``)
     injects a worker fault, see ``cdd_ray.train.worker.Fault``. ``trace_dir`` (the fixed-cost
-    benchmark and tests; also read from ``CDD_RAY_TRACE_DIR``) gets the driver's timed events and
-    each rank's batches, digests and timings as JSON lines."""
+    benchmark and tests; also read from ``CDD_RAY_TRACE_DIR``, which then applies to every run of
+    the process) gets the driver's timed events and each rank's batches, digests and timings as
+    JSON lines; it is made if missing."""
     console = console or Console()
     trace_dir = trace_dir or os.environ.get(TRACE_ENV) or None
     mark = DriverTrace(trace_dir)
@@ -529,6 +530,8 @@ class DriverTrace:
 
     def __init__(self, trace_dir: str | None):
         self.path = Path(trace_dir) / "driver.jsonl" if trace_dir else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self("start")
 
     def __call__(self, event: str) -> None:

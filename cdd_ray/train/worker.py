@@ -20,9 +20,10 @@ ids), streamed from its dataset on every pass and shuffled in a window (``cdd_ra
 images stay uint8 until the step. The frozen teacher's features are cached when they fit
 ``train.teacher_cache_mb`` per worker (the choice is logged and reported as ``teacher_cache_mb``).
 
-``loop_config["trace_dir"]`` (tests only) makes each rank log the sample ids of every batch and a
-digest of the global student's weights after each epoch. ``loop_config["fault"]`` (tests only, see
-``Fault``) makes one rank exit, stall or see NaN images at a chosen batch of a chosen step, once.
+``loop_config["trace_dir"]`` (tests and the fixed-cost benchmark) makes each rank log the sample
+ids of every batch and a digest of the global student's weights after each epoch.
+``loop_config["fault"]`` (tests only, see ``Fault``) makes ranks exit, stall or see NaN images at
+chosen batches of chosen steps, each once.
 """
 
 from __future__ import annotations
@@ -172,23 +173,32 @@ class Tracer:
 
 
 class Fault:
-    """A test-only fault at batch ``batch`` of stage ``stage`` ("dst" or "global") of step ``step``
-    on rank ``rank``, fired once (a marker file records that it fired):
+    """Test-only faults. Each spec fires once, at batch ``batch`` of stage ``stage`` ("dst" or
+    "global", default "global") of step ``step`` on rank ``rank`` (a marker file records that it
+    fired; with ``after``, only once that other marker file exists, i.e. after another fault):
 
     - ``action: exit``: the worker process exits, what a crashed node or an OOM kill looks like;
     - ``action: stall``: the worker sleeps ``seconds``, so that a test can kill the driver mid-epoch;
     - ``action: nan``: the batch's images become NaN, so the loss check fires as it would in a run.
+
+    ``spec``: one spec (a dict), a list of them, or None.
     """
 
-    def __init__(self, spec: dict | None, rank: int):
-        self.spec = spec if spec and spec.get("rank", 0) == rank else None
+    def __init__(self, spec: dict | list[dict] | None, rank: int):
+        specs = spec if isinstance(spec, list) else [spec] if spec else []
+        self.specs = [s for s in specs if s.get("rank", 0) == rank]
 
     def __call__(self, stage: str, step: int, batch: int, images: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec is None or (stage, step, batch) != (spec.get("stage", "global"), spec["step"], spec["batch"]):
+        for spec in self.specs:
+            images = self._fire(spec, stage, step, batch, images)
+        return images
+
+    @staticmethod
+    def _fire(spec: dict, stage: str, step: int, batch: int, images: torch.Tensor) -> torch.Tensor:
+        if (stage, step, batch) != (spec.get("stage", "global"), spec["step"], spec["batch"]):
             return images
         marker = Path(spec["marker"])
-        if marker.exists():
+        if marker.exists() or (spec.get("after") and not Path(spec["after"]).exists()):
             return images
         marker.write_text(f"{stage} step {step} batch {batch}\n")
         action = spec.get("action", "exit")

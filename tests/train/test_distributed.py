@@ -1,6 +1,7 @@
 """Ray Train runs on 2 CPU workers: domain isolation, rank agreement, checkpoints, resume."""
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def test_k3_round_robin_on_two_workers_then_evaluate_and_predict(two_worker_run,
     # With the workers' one torch thread (0.5 CPU each): with two, the convolutions sum in another
     # order, and the last-bit differences in the maps reorder near-tied pixels, moving AUPRO by ~1e-4.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # what Ray gives a 0.5-CPU worker
     try:
         again = evaluate(config, run_dir, checkpoint)
     finally:

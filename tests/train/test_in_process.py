@@ -124,13 +124,16 @@ def test_an_in_process_run_on_a_machine_without_ray_starts_none(tiny_store, tmp_
 
 def test_the_input_augmentation_knobs_reach_the_run_loop(tiny_store, tmp_path):
     """`cdd-ray train`'s loop (here in-process, as each Ray Train rank runs it) trains other weights
-    with feature jitter and pasted patches on, and the same ones again for the same seed."""
+    with feature jitter and pasted patches on, and with transformed images, and the same ones again
+    for the same seed."""
     base = {"ray.num_workers": 0, "train.num_domains": 2, "eval.score_test": "false"}
     knobs = {**base, "objective.feature_jitter": 0.5, "objective.synthetic_anomalies": 0.5}
+    flipped = {**base, "objective.augment": "d4"}
     runs = {
         name: load_global(train(config_for(tiny_store, tmp_path / name, name=name, **extra))[1])
-        for name, extra in (("plain", base), ("augmented", knobs), ("again", knobs))
+        for name, extra in (("plain", base), ("augmented", knobs), ("again", knobs), ("d4", flipped))
     }
     weights = {name: state["global_student"] for name, state in runs.items()}
-    assert any(not torch.equal(weights["plain"][k], weights["augmented"][k]) for k in weights["plain"])
+    for name in ("augmented", "d4"):
+        assert any(not torch.equal(weights["plain"][k], weights[name][k]) for k in weights["plain"]), name
     assert all(torch.equal(weights["augmented"][k], weights["again"][k]) for k in weights["plain"])

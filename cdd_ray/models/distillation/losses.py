@@ -58,6 +58,7 @@ class ObjectiveConfig:
     synthetic_anomalies: float = 0.0
     # geometric augmentation of the training images (``random_dihedral``, one of AUGMENTS): the
     # teacher's features are taken of the transformed images, which become input and target alike
+    # (the steps then read no cached features; train.teacher_cache still fills its cache)
     augment: str = "none"
 
 
@@ -134,7 +135,8 @@ def random_dihedral(
 ) -> torch.Tensor:
     """Each image of the batch (B, C, H, W) transformed by its own uniformly drawn element of
     ``group``: ``flips`` (identity, horizontal, vertical, both: the 180-degree rotation) or ``d4``
-    (those four composed with a transpose: all eight symmetries of a square, which need H == W).
+    (each of those four with or without a transpose: all eight symmetries of a square, which need
+    H == W).
     Label-preserving for textures and for objects whose orientation varies; a user whose normal
     images have a fixed orientation (most MVTec objects) should keep ``none``.
     Returns a new tensor (``none``: ``images`` itself). Raises ValueError for another ``group`` or
