@@ -378,7 +378,8 @@ def fit_in_process(
     if len(domains) != len(images):
         raise ValueError(f"{len(images)} images but {len(domains)} domain ids")
     generator = torch.Generator().manual_seed(seed)
-    cached = engine.teacher_features(images) if teacher_cache else None
+    # no cache when every step transforms its images (objective.augment): no step could read it
+    cached = engine.teacher_features(images) if teacher_cache and engine.objective.augment == "none" else None
 
     def feats_of(index: torch.Tensor) -> Features | None:
         return None if cached is None else [f[index] for f in cached]

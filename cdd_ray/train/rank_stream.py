@@ -261,13 +261,20 @@ class _Window:
 
 
 def cache_decision(
-    wanted: bool, rows: int, bytes_per_image: int, budget_mb: float, rank: int
+    wanted: bool, rows: int, bytes_per_image: int, budget_mb: float, rank: int, augment: str = "none"
 ) -> tuple[bool, float]:
     """Whether to cache the teacher's features of ``rows`` images (``bytes_per_image`` each)
-    within ``budget_mb`` MiB per worker; returns (on, MiB the cache takes) and logs the choice."""
+    within ``budget_mb`` MiB per worker; returns (on, MiB the cache takes) and logs the choice.
+    Never with a geometric ``augment`` (``objective.augment``): every step transforms its images,
+    so no step could read the cache."""
     size_mb = rows * bytes_per_image / 2**20
     if not wanted:
         LOGGER.info("rank %d: teacher-feature cache off (train.teacher_cache=false)", rank)
+        return False, 0.0
+    if augment != "none":
+        LOGGER.info(
+            "rank %d: teacher-feature cache off (objective.augment=%s transforms every image)", rank, augment
+        )
         return False, 0.0
     if size_mb > budget_mb:
         LOGGER.warning(

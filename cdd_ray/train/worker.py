@@ -433,6 +433,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         feature_bytes(teacher, config.data.image_size, device),
         config.train.teacher_cache_mb,
         rank,
+        config.objective.augment,
     )
     if use_cache and done < len(plan_stages(config)):  # nothing left to train: no cache to fill
         stream.fill_cache(engine.teacher_features)

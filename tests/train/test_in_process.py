@@ -129,11 +129,15 @@ def test_the_input_augmentation_knobs_reach_the_run_loop(tiny_store, tmp_path):
     base = {"ray.num_workers": 0, "train.num_domains": 2, "eval.score_test": "false"}
     knobs = {**base, "objective.feature_jitter": 0.5, "objective.synthetic_anomalies": 0.5}
     flipped = {**base, "objective.augment": "d4"}
-    runs = {
-        name: load_global(train(config_for(tiny_store, tmp_path / name, name=name, **extra))[1])
+    trained = {
+        name: train(config_for(tiny_store, tmp_path / name, name=name, **extra))
         for name, extra in (("plain", base), ("augmented", knobs), ("again", knobs), ("d4", flipped))
     }
-    weights = {name: state["global_student"] for name, state in runs.items()}
+    weights = {
+        name: load_global(checkpoint)["global_student"] for name, (_, checkpoint, _) in trained.items()
+    }
+    # transformed images leave nothing for the teacher-feature cache to serve: none is filled
+    assert trained["plain"][2]["teacher_cache_mb"] > 0 and trained["d4"][2]["teacher_cache_mb"] == 0
     for name in ("augmented", "d4"):
         assert any(not torch.equal(weights["plain"][k], weights[name][k]) for k in weights["plain"]), name
     assert all(torch.equal(weights["augmented"][k], weights["again"][k]) for k in weights["plain"])

@@ -146,7 +146,9 @@ def test_the_cache_is_refused_above_its_budget_and_says_so(caplog):
         assert cache_decision(True, 1000, 2**20, 999.0, rank=1) == (False, 0.0)
         assert cache_decision(True, 1000, 2**20, 1000.0, rank=1) == (True, 1000.0)
         assert cache_decision(False, 10, 10, 1000.0, rank=1) == (False, 0.0)
+        assert cache_decision(True, 10, 10, 1000.0, rank=1, augment="flips") == (False, 0.0)
     assert "1000 MiB exceeds train.teacher_cache_mb=999" in caplog.text
+    assert "objective.augment=flips" in caplog.text
     assert "cache on" in caplog.text and "train.teacher_cache=false" in caplog.text
 
 

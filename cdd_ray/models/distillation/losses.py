@@ -58,7 +58,7 @@ class ObjectiveConfig:
     synthetic_anomalies: float = 0.0
     # geometric augmentation of the training images (``random_dihedral``, one of AUGMENTS): the
     # teacher's features are taken of the transformed images, which become input and target alike
-    # (the steps then read no cached features; train.teacher_cache still fills its cache)
+    # (no teacher-feature cache is filled then: no step could read it)
     augment: str = "none"
 
 
