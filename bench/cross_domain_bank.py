@@ -41,7 +41,7 @@ from photo_quality import CATEGORIES, store_for  # noqa: E402
 from quality_grid import mean_std  # noqa: E402
 from synthetic_quality import load  # noqa: E402
 
-from cdd_ray.config import excluded_target_domains, load_config  # noqa: E402
+from cdd_ray.config import load_config  # noqa: E402
 from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark  # noqa: E402
 from cdd_ray.evaluate.metrics import compute_metrics  # noqa: E402
 from cdd_ray.models.detector import (  # noqa: E402
@@ -50,14 +50,12 @@ from cdd_ray.models.detector import (  # noqa: E402
     distillation_detector,
     score_in_batches,
 )
-from cdd_ray.models.distillation.student import student_spec  # noqa: E402
 from cdd_ray.models.patchcore.coreset import coreset_size, greedy_coreset  # noqa: E402
 from cdd_ray.models.patchcore.memory_bank import MemoryBank  # noqa: E402
 from cdd_ray.models.patchcore.model import build_memory_bank  # noqa: E402
 from cdd_ray.models.patchcore.softpatch import keep_mask  # noqa: E402
 from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
-from cdd_ray.train.engine import CDDEngine, fit_in_process  # noqa: E402
-from cdd_ray.train.fit import partition, training_patch_features  # noqa: E402
+from cdd_ray.train.fit import fit_detector, training_patch_features  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -102,39 +100,20 @@ def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
     config = load_config(None, overrides)
     train = load(store, category, "train", 128)
     test = load(store, category, "test", 128)
-    images = train["images"]
     started = time.perf_counter()
-    domains = partition(config, teacher, images, train["ids"])
-    spec = student_spec(teacher.channels, teacher.reductions, config.teacher.backbone, config.student)
-    torch.manual_seed(seed)
-    engine = CDDEngine.create(
-        teacher,
-        spec,
-        config.train.num_domains,
-        config.objective,
-        config.optim,
-        seed=seed,
-        excluded_sources=excluded_target_domains(config),
-    )
-    fit_in_process(
-        engine,
-        images,
-        torch.as_tensor(domains, dtype=torch.long),
-        config.train.epochs,
-        config.train.batch_size,
-        seed=seed,
-        teacher_cache=config.train.teacher_cache,
-        schedule=config.train.schedule,
-    )
-    student = engine.evaluation_student()
-    cdd = distillation_detector(teacher, student, config.eval, distance_scale(teacher, student, images))
+    cdd, info = fit_detector(config, teacher, train["images"], train["ids"])  # the shipped CDD path
+    engine, domains = info["engine"], np.asarray(info["domains"])
+    # the images CDD trained on (all, unless data.holdout_fraction keeps some out), in its order
+    position = {sample_id: i for i, sample_id in enumerate(train["ids"])}
+    rows = torch.as_tensor([position[sample_id] for sample_id in info["train_ids"]])
+    images = train["images"][rows]
     results = {"cdd": evaluate(cdd, test)}
     trained = time.perf_counter() - started
 
     features = training_patch_features(teacher, images)
     maps = cross_domain_maps(config, teacher, engine, images, domains)
     scores = F.adaptive_avg_pool2d(maps.unsqueeze(1), features.shape[-2:]).squeeze(1)
-    injected = torch.as_tensor(train["injected"], dtype=torch.bool)
+    injected = torch.as_tensor(train["injected"], dtype=torch.bool)[rows]
     # how well the cross-domain image score (the mean of the patch scores) finds the injected images
     image_scores = scores.flatten(1).mean(1)
     if injected.any() and (~injected).any():

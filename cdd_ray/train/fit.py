@@ -74,7 +74,9 @@ def fit_distillation_detector(
     config: Config, teacher: Teacher, images: torch.Tensor, sample_ids: list[str]
 ) -> tuple[DistillationDetector, dict]:
     """RD or CDD. ``eval.select=proxy`` keeps the aggregation epoch whose evaluation student has the
-    lowest trimmed distillation loss on the held-out slice (``data.holdout_fraction`` > 0)."""
+    lowest trimmed distillation loss on the held-out slice (``data.holdout_fraction`` > 0).
+    ``info``: the loss history, each trained image's domain and id, and the trained ``engine``
+    (its domain students, e.g. for a probe that scores images with the students that never saw them)."""
     held_out = holdout_mask(sample_ids, config.data.holdout_fraction, config.train.seed)
     kept = np.flatnonzero(~held_out)
     train_images = images[torch.as_tensor(kept)]
@@ -114,7 +116,12 @@ def fit_distillation_detector(
     student = engine.evaluation_student()
     scale = distance_scale(teacher, student, train_images) if config.eval.distance == "cos_l2" else None
     detector = distillation_detector(teacher, student, config.eval, scale)
-    return detector, {"history": history, "domains": domains.tolist(), "train_ids": train_ids}
+    return detector, {
+        "history": history,
+        "domains": domains.tolist(),
+        "train_ids": train_ids,
+        "engine": engine,
+    }
 
 
 def fit_detector(
