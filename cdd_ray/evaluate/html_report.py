@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cdd_ray.data.store import write_atomic
+from cdd_ray.evaluate.metrics import Ranking, precision_recall_points, roc_points
 from cdd_ray.evaluate.report import METRIC_KEYS, SHORT_NAMES
 
 GALLERY = 4  # images at each end of the score ranking
@@ -62,16 +63,15 @@ def _curves(
     rows: dict[str, np.ndarray], metrics: dict, fpr_limit: float, pro: tuple[np.ndarray, np.ndarray] | None
 ) -> str:
     """The four figures of one category; ``pro``: its PRO curve (None when it has no AUPRO)."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     plt = _pyplot()
     figure, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     labels, scores = rows["label"], rows["score"]
-    fpr, tpr, _ = roc_curve(labels, scores)
+    ranking = Ranking(scores, "image scores")
+    fpr, tpr = roc_points(ranking, labels)
     axes[0].plot(fpr, tpr)
     axes[0].plot([0, 1], [0, 1], ":", color="gray")
     axes[0].set(title=f"ROC (image AUROC {metrics['image_auroc']:.3f})", xlabel="FPR", ylabel="TPR")
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    precision, recall = precision_recall_points(ranking, labels)
     axes[1].plot(recall, precision)
     axes[1].set(
         title=f"precision-recall (F1-max {metrics['image_f1_max']:.3f})", xlabel="recall", ylabel="precision"

@@ -78,10 +78,24 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def auroc_of(ranking: Ranking, labels: np.ndarray) -> float:
     """``auroc`` of scores already ranked (``compute_metrics`` ranks the pixel scores once)."""
-    tp, fp = ranking.counts(_binary(labels, "AUROC"))
-    tpr = np.concatenate([[0.0], tp / tp[-1]])
-    fpr = np.concatenate([[0.0], fp / fp[-1]])
+    fpr, tpr = roc_points(ranking, labels)
     return float(np.trapezoid(tpr, fpr))
+
+
+def roc_points(ranking: Ranking, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve: false and true positive rates (float64, from (0, 0) to (1, 1)), one point
+    per distinct threshold, highest threshold first; the points ``auroc`` integrates (and
+    scikit-learn's ``roc_curve`` with ``drop_intermediate=False``)."""
+    tp, fp = ranking.counts(_binary(labels, "AUROC"))
+    return np.concatenate([[0.0], fp / fp[-1]]), np.concatenate([[0.0], tp / tp[-1]])
+
+
+def precision_recall_points(ranking: Ranking, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall (float64), one point per distinct threshold, highest threshold first
+    (scikit-learn's ``precision_recall_curve`` lists the same points lowest threshold first and
+    appends (precision 1, recall 0))."""
+    tp, fp = ranking.counts(_binary(labels, "F1-max"))
+    return tp / (tp + fp), tp / tp[-1]
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -97,8 +111,7 @@ def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, flo
 
 def f1_max_of(ranking: Ranking, labels: np.ndarray) -> tuple[float, float]:
     """``f1_max_threshold`` of scores already ranked."""
-    tp, fp = ranking.counts(_binary(labels, "F1-max"))
-    precision, recall = tp / (tp + fp), tp / tp[-1]
+    precision, recall = precision_recall_points(ranking, labels)
     f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))
     return float(f1[best]), float(ranking.thresholds[best])

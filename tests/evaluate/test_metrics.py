@@ -10,7 +10,9 @@ from cdd_ray.evaluate.metrics import (
     compute_metrics,
     f1_max,
     f1_max_threshold,
+    precision_recall_points,
     pro_curve,
+    roc_points,
 )
 
 
@@ -127,6 +129,28 @@ def test_pixel_metrics_from_one_sort_match_scikit_learn(seed, levels):
     assert result["pixel_f1_max"] == pytest.approx(f1[best], abs=1e-12)
     assert result["pixel_threshold"] == thresholds[best]
     assert result["aupro"] == pytest.approx(reference_aupro(maps, masks), abs=2e-4)
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_roc_and_precision_recall_points_are_scikit_learns(levels):
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(levels or 0)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.normal(size=300) + labels
+    if levels:  # ties: one point per distinct threshold
+        scores = np.round(scores * levels) / levels
+    ranking = Ranking(scores)
+    fpr, tpr = roc_points(ranking, labels)
+    expected_fpr, expected_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, expected_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, expected_tpr, atol=1e-12)
+    precision, recall = precision_recall_points(ranking, labels)
+    expected_precision, expected_recall, _ = precision_recall_curve(labels, scores)
+    # scikit-learn: lowest threshold first, then the (1, 0) end point
+    np.testing.assert_allclose(precision, expected_precision[:-1][::-1], atol=1e-12)
+    np.testing.assert_allclose(recall, expected_recall[:-1][::-1], atol=1e-12)
+    assert auroc(scores, labels) == pytest.approx(np.trapezoid(expected_tpr, expected_fpr), abs=1e-12)
 
 
 def test_scores_without_a_rank_or_labels_of_another_length_are_refused():
