@@ -20,6 +20,8 @@ Run:
 
 ``--also KEY=VALUE ...`` adds a run of this tree with those overrides to each round (e.g.
 ``data.object_store_mb=0``: the workers read the Parquet store, nothing is materialized).
+``--bare`` adds Ray Train's own floor to each round: Ray started as a run starts it, then a
+``TorchTrainer`` with the same scaling (2 workers of 1 CPU) whose loop only reports once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent.parent
+BARE = "<bare TorchTrainer>"  # marks the empty-loop run among a tree's extra arguments
 PHASES = (
     "ray start",
     "materialize datasets",
@@ -84,6 +87,47 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def bare_child(args) -> None:
+    """The floor: Ray started as a run starts it, then a TorchTrainer with the run's scaling (2
+    workers of 1 CPU) whose loop only reports once; prints one JSON line as ``child``."""
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cdd_ray.ray_session import ensure_ray
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / f"loop-{time.time_ns()}"
+    started = time.time()
+    ensure_ray()
+    ready = time.time()
+
+    def loop(config: dict) -> None:
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(config["marker"]).write_text(str(time.time()))
+        ray.train.report({"done": 1})
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"marker": str(marker)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1.0}),
+        run_config=RunConfig(name=marker.name, storage_path=str(work / "runs")),
+    )
+    fit_start = time.time()
+    trainer.fit()
+    end = time.time()
+    in_loop = float(marker.read_text())
+    result = {
+        "total": end - started,
+        "training_reported": 0.0,
+        "ray start": ready - started,
+        "worker start to loop": in_loop - fit_start,
+        "Train shutdown": end - in_loop,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def phases(trace: Path) -> dict:
     driver_file = trace / "driver.jsonl"
     if not driver_file.is_file():
@@ -121,6 +165,8 @@ def parent(args) -> None:
         trees = {"before": (Path(args.before).resolve(), []), **trees}
     if args.also:
         trees[f"this tree, {' '.join(args.also)}"] = (HERE, args.also)
+    if args.bare:
+        trees["bare TorchTrainer, empty loop"] = (HERE, [BARE])
     work = Path(tempfile.mkdtemp(prefix="overhead"))
     results: dict[str, list[dict]] = {name: [] for name in trees}
     for repeat in range(args.repeats):
@@ -136,7 +182,8 @@ def parent(args) -> None:
                 str(args.epochs),
                 "--domains",
                 str(args.domains),
-                *[f"--override={o}" for o in [*args.override, *extra]],
+                *[f"--override={o}" for o in [*args.override, *extra] if o != BARE],
+                *(["--bare"] if BARE in extra else []),
             ]
             output = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree, timeout=1800)
             lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
@@ -169,10 +216,18 @@ def main() -> None:
     parser.add_argument(
         "--also", nargs="+", default=[], help="overrides of a third run of this tree, side by side"
     )
+    parser.add_argument(
+        "--bare", action="store_true", help="add a run of an empty TorchTrainer loop: Ray Train's own floor"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    child(args) if args.child else parent(args)
+    if not args.child:
+        parent(args)
+    elif args.bare:
+        bare_child(args)
+    else:
+        child(args)
 
 
 if __name__ == "__main__":
