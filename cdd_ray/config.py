@@ -247,6 +247,7 @@ def validate(config: Config) -> Config:
         0 <= config.optim.beta1 < 1 and 0 <= config.optim.beta2 < 1, "optim.beta1/beta2", "must lie in [0, 1)"
     )
     _check(config.objective.loss_form in LOSS_FORMS, "objective.loss_form", f"must be one of {LOSS_FORMS}")
+    _check(0 < config.objective.hard_share <= 1, "objective.hard_share", "must lie in (0, 1]")
     _check(config.objective.augment in AUGMENTS, "objective.augment", f"must be one of {AUGMENTS}")
     _check(
         config.objective.aggregation in AGGREGATIONS,

@@ -19,17 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdd_ray.models.distillation.losses import rd_loss
+from cdd_ray.models.distillation.losses import DEFAULT_HARD_SHARE, rd_loss
 from cdd_ray.models.teacher import Teacher
 
 
 @torch.no_grad()
 def per_image_loss(
-    teacher: Teacher, student: nn.Module, images: torch.Tensor, form: str = "flat"
+    teacher: Teacher,
+    student: nn.Module,
+    images: torch.Tensor,
+    form: str = "flat",
+    hard_share: float = DEFAULT_HARD_SHARE,
 ) -> torch.Tensor:
+    """(N,) distillation loss of each image, in the run's loss form (``objective.loss_form``)."""
     student.eval()
     features = teacher(images)
-    return rd_loss(student(features), features, form, reduction="none")
+    return rd_loss(student(features), features, form, reduction="none", hard_share=hard_share)
 
 
 def trimmed_mean(values: np.ndarray, trim: float) -> float:

@@ -252,7 +252,8 @@ class CDDEngine:
         student = self.domain_students[domain]
         student.train()
         images, feats = self.training_pair(images, teacher_feats)
-        loss = rd_loss(student(self.student_input(feats, images)), feats, self.objective.loss_form)
+        output = student(self.student_input(feats, images))
+        loss = rd_loss(output, feats, self.objective.loss_form, hard_share=self.objective.hard_share)
         _checked(loss, f"DST of domain {domain}")
         self._update(loss, student, self.domain_optimizers[domain], progress)
         return float(loss.detach())

@@ -99,7 +99,8 @@ def fit_distillation_detector(
         holdout_images = images[torch.as_tensor(np.flatnonzero(held_out))]
 
         def select_on(student: torch.nn.Module) -> float:
-            losses = per_image_loss(teacher, student, holdout_images, config.objective.loss_form)
+            form, share = config.objective.loss_form, config.objective.hard_share
+            losses = per_image_loss(teacher, student, holdout_images, form, share)
             return trimmed_mean(losses.cpu().numpy(), config.eval.proxy_trim)
 
     history = fit_in_process(

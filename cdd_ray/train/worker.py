@@ -251,7 +251,11 @@ def holdout_proxy(engine: CDDEngine, stream: RankStream, config: Config) -> floa
     losses = []
     for rows in stream.ordered(HOLDOUT):
         losses += per_image_loss(
-            engine.teacher, engine.evaluation_student(), stream.images(rows), config.objective.loss_form
+            engine.teacher,
+            engine.evaluation_student(),
+            stream.images(rows),
+            config.objective.loss_form,
+            config.objective.hard_share,
         ).tolist()
     if _distributed():
         gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]

@@ -3,7 +3,11 @@
 ``rd_loss`` compares a student's feature maps with a target's, summed over levels:
 
 - ``flat`` (RD4AD's code): 1 - cosine of each whole flattened map, per image;
-- ``pixel`` (RD4AD's paper text): 1 - cosine over channels at each position, averaged.
+- ``pixel`` (RD4AD's paper text): 1 - cosine over channels at each position, averaged;
+- ``hard``: the same per-position distances, but only the ``hard_share`` largest of each image
+  and level are averaged (hard feature mining, after EfficientAD's hard loss, Batzner et al., WACV
+  2024, which keeps the distances above their 0.999-quantile): the student is pushed on the
+  positions it reproduces worst, e.g. the image border, instead of on the easy majority.
 
 CDD (our reading of arXiv 2508.18007, see README): the global student G learns from pseudo-normal
 targets P(x), the aggregate of the domain students of every domain other than x's own, and from the
@@ -19,22 +23,26 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-LOSS_FORMS = ("flat", "pixel")
+LOSS_FORMS = ("flat", "pixel", "hard")
 AGGREGATIONS = ("mean", "median")
 # geometric augmentation of the training images: none, a random flip (horizontal, vertical, both or
 # none), or a random element of the dihedral group D4 (the four 90-degree rotations, each flipped or not)
 AUGMENTS = ("none", "flips", "d4")
 EPS = 1e-8
+DEFAULT_HARD_SHARE = 0.1
 
 
 @dataclass
 class ObjectiveConfig:
     loss_form: str = "flat"
+    # loss_form=hard: the share of each image's positions (per level) whose distances are averaged
+    hard_share: float = DEFAULT_HARD_SHARE
     aggregation: str = "mean"
     lambda_cross: float = 1.0
     # 2: chosen from bench/quality_grid.py (ablation, then the 3-seed follow-up grid; BENCHMARKS.md)
@@ -63,9 +71,20 @@ class ObjectiveConfig:
 
 
 def _level_loss(
-    student: torch.Tensor, target: torch.Tensor, form: str, weight: torch.Tensor | None
+    student: torch.Tensor,
+    target: torch.Tensor,
+    form: str,
+    weight: torch.Tensor | None,
+    hard_share: float = DEFAULT_HARD_SHARE,
 ) -> torch.Tensor:
     """Per-image loss for one level; ``weight`` is a per-position weight of shape (B, 1, H, W)."""
+    if form == "hard":
+        distance = 1.0 - F.cosine_similarity(student, target, dim=1, eps=EPS)
+        if weight is not None:
+            distance = distance * weight[:, 0]
+        flat = distance.flatten(1)
+        count = max(1, math.ceil(hard_share * flat.shape[1]))
+        return torch.topk(flat, count, dim=1).values.mean(1)
     if form == "flat":
         if weight is not None:
             student, target = student * weight, target * weight
@@ -168,12 +187,13 @@ def rd_loss(
     form: str = "flat",
     weights: list[torch.Tensor] | None = None,
     reduction: str = "mean",
+    hard_share: float = DEFAULT_HARD_SHARE,
 ) -> torch.Tensor:
     """Sum over levels of (1 - cosine); ``reduction='none'`` keeps one value per image."""
     if len(student) != len(target):
         raise ValueError(f"student has {len(student)} levels, target {len(target)}")
     per_image = sum(
-        _level_loss(s, t, form, None if weights is None else w)
+        _level_loss(s, t, form, None if weights is None else w, hard_share)
         for s, t, w in zip(student, target, weights or [None] * len(student), strict=True)
     )
     return per_image.mean() if reduction == "mean" else per_image
@@ -273,17 +293,18 @@ def global_student_loss(
     """
     form = objective.loss_form
     if pseudo_normal is None:
-        return rd_loss(global_out, teacher, form, None, reduction)
+        return rd_loss(global_out, teacher, form, None, reduction, objective.hard_share)
     weights = teacher_weights
     if weights is None and objective.gating:
         weights = agreement_gate(pseudo_normal, teacher, objective.gating_temperature)
-    teacher_term = rd_loss(global_out, teacher, form, weights, "none")
+    teacher_term = rd_loss(global_out, teacher, form, weights, "none", objective.hard_share)
     if objective.teacher_trim > 0:
         keep = trim_mask(pseudo_normal, teacher, objective.teacher_trim)
         teacher_term = teacher_term * keep * (len(keep) / keep.sum().clamp_min(1.0))
     loss = objective.lambda_teacher * teacher_term
     if objective.lambda_cross:
         detached = [p.detach() for p in pseudo_normal]
-        loss = loss + objective.lambda_cross * rd_loss(global_out, detached, form, None, "none")
+        cross = rd_loss(global_out, detached, form, None, "none", objective.hard_share)
+        loss = loss + objective.lambda_cross * cross
     loss = loss / (objective.lambda_cross + objective.lambda_teacher)
     return loss.mean() if reduction == "mean" else loss

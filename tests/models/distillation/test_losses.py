@@ -21,7 +21,7 @@ def feats(batch: int = 3, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(batch, c, s, s, generator=generator) for c, s in ((4, 8), (6, 4), (8, 2))]
 
 
-@pytest.mark.parametrize("form", ["flat", "pixel"])
+@pytest.mark.parametrize("form", ["flat", "pixel", "hard"])
 def test_rd_loss_is_zero_for_identical_features_and_positive_otherwise(form):
     target = feats()
     assert rd_loss(target, target, form).abs() < 1e-6
@@ -36,6 +36,30 @@ def test_flat_and_pixel_forms_differ():
     flat, pixel = rd_loss(student, target, "flat"), rd_loss(student, target, "pixel")
     assert pixel == pytest.approx(2.0 / 16)
     assert flat == pytest.approx(1 - 14 / 16)
+
+
+def test_hard_form_averages_only_the_worst_share_of_each_images_positions():
+    # image 0: one position flipped (distance 2) and three at distance 1 - cos = 1 (orthogonal);
+    # image 1: one orthogonal position; the other positions of both match (distance 0)
+    target = [torch.zeros(2, 2, 4, 4)]
+    target[0][:, 0] = 1.0
+    student = [target[0].clone()]
+    student[0][0, 0, 0, 0] = -1.0
+    for y, x in ((1, 1), (2, 2), (3, 3)):
+        student[0][0, :, y, x] = torch.tensor([0.0, 1.0])
+    student[0][1, :, 0, 0] = torch.tensor([0.0, 1.0])
+    hard = rd_loss(student, target, "hard", reduction="none", hard_share=2 / 16)  # the worst 2 of 16
+    assert hard.tolist() == pytest.approx([(2.0 + 1.0) / 2, (1.0 + 0.0) / 2])
+    # the whole share is the pixel form; any share keeps at least one position
+    everything = rd_loss(student, target, "hard", reduction="none", hard_share=1.0)
+    assert everything.tolist() == pytest.approx(rd_loss(student, target, "pixel", reduction="none").tolist())
+    worst_only = rd_loss(student, target, "hard", reduction="none", hard_share=1e-6)
+    assert worst_only.tolist() == pytest.approx([2, 1])
+    # a weight of 0 fences a position off, as the gate does for the other forms
+    gate = [torch.ones(2, 1, 4, 4)]
+    gate[0][0, 0, 0, 0] = 0.0
+    gated = rd_loss(student, target, "hard", weights=gate, reduction="none", hard_share=2 / 16)
+    assert gated.tolist() == pytest.approx([1.0, 0.5])
 
 
 def test_rd_loss_per_image_reduction():
