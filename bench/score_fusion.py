@@ -100,16 +100,17 @@ def robust_z(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def empirical_cdf(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Share of ``reference`` below each score, plus a tiny z term that orders scores beyond its range."""
+    """Share of ``reference`` at or below each score, plus 1e-3 times the robust z (which orders
+    scores beyond the reference's range, and may reorder scores within one CDF step)."""
     ordered = np.sort(reference)
     return np.searchsorted(ordered, scores, side="right") / len(ordered) + 1e-3 * robust_z(scores, reference)
 
 
-def test_rank(scores: np.ndarray, _reference: np.ndarray) -> np.ndarray:
+def rank_in_test_set(scores: np.ndarray, _reference: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(scores)) / (len(scores) - 1)
 
 
-NORMALIZERS = {"z": robust_z, "cdf": empirical_cdf, "rank": test_rank}
+NORMALIZERS = {"z": robust_z, "cdf": empirical_cdf, "rank": rank_in_test_set}
 # which training scores normalize SoftPatch: in-sample (its own bank) or leave-one-domain-out
 SOFTPATCH_REFERENCES = ("softpatch", "softpatch_held_out")
 

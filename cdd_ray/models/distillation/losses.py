@@ -5,9 +5,13 @@
 - ``flat`` (RD4AD's code): 1 - cosine of each whole flattened map, per image;
 - ``pixel`` (RD4AD's paper text): 1 - cosine over channels at each position, averaged;
 - ``hard``: the same per-position distances, but only the ``hard_share`` largest of each image
-  and level are averaged (hard feature mining, after EfficientAD's hard loss, Batzner et al., WACV
-  2024, which keeps the distances above their 0.999-quantile): the student is pushed on the
-  positions it reproduces worst, e.g. the image border, instead of on the easy majority.
+  and level are averaged, rounded up to whole positions (hard feature mining, after EfficientAD's
+  hard loss, Batzner et al., WACV 2024, which keeps the distances above their 0.999-quantile): the
+  student is pushed on the positions it reproduces worst, e.g. the image border, instead of on the
+  easy majority. A per-position weight (a gate) multiplies the distances before the largest are
+  taken, so a weight of 0 drops a position and a soft weight shrinks the term (``pixel`` instead
+  divides by the weights' sum). The loss's scale depends on the share, so the held-out proxy
+  (computed in the run's own form) does not compare runs of different shares.
 
 CDD (our reading of arXiv 2508.18007, see README): the global student G learns from pseudo-normal
 targets P(x), the aggregate of the domain students of every domain other than x's own, and from the
@@ -83,7 +87,7 @@ def _level_loss(
         if weight is not None:
             distance = distance * weight[:, 0]
         flat = distance.flatten(1)
-        count = max(1, math.ceil(hard_share * flat.shape[1]))
+        count = max(1, math.ceil(hard_share * flat.shape[1] - 1e-9))  # 0.07 * 100 is 7.000000000000001
         return torch.topk(flat, count, dim=1).values.mean(1)
     if form == "flat":
         if weight is not None:

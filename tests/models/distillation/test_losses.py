@@ -55,7 +55,7 @@ def test_hard_form_averages_only_the_worst_share_of_each_images_positions():
     assert everything.tolist() == pytest.approx(rd_loss(student, target, "pixel", reduction="none").tolist())
     worst_only = rd_loss(student, target, "hard", reduction="none", hard_share=1e-6)
     assert worst_only.tolist() == pytest.approx([2, 1])
-    # a weight of 0 fences a position off, as the gate does for the other forms
+    # a weight multiplies the distances before the worst are taken: a weight of 0 fences a position off
     gate = [torch.ones(2, 1, 4, 4)]
     gate[0][0, 0, 0, 0] = 0.0
     gated = rd_loss(student, target, "hard", weights=gate, reduction="none", hard_share=2 / 16)
@@ -174,6 +174,44 @@ def test_k1_training_is_exactly_plain_rd():
         engine.global_student.state_dict().items(), student.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_every_loss_the_engine_and_the_proxy_compute_takes_the_runs_hard_share():
+    """A hard share of 1 is the pixel form (a missing pass-through would use the default 0.1)."""
+    from cdd_ray.evaluate.proxy import per_image_loss
+
+    teacher = random_teacher()
+    spec = student_spec(teacher.channels, teacher.reductions)
+    images = torch.rand(8, 3, 32, 32)
+    domains = torch.arange(8) % 2
+
+    def trained(**objective) -> CDDEngine:
+        engine = CDDEngine.create(teacher, spec, 2, ObjectiveConfig(**objective), OptimConfig(), seed=3)
+        fit_in_process(engine, images, domains, epochs=2, batch_size=4, seed=4)
+        return engine
+
+    pixel, whole, hard = (
+        trained(loss_form="pixel"),
+        trained(loss_form="hard", hard_share=1.0),
+        trained(loss_form="hard", hard_share=0.1),
+    )
+
+    @torch.no_grad()
+    def weights(engine: CDDEngine) -> dict[str, torch.Tensor]:
+        modules = {
+            "global": engine.global_student,
+            **{f"domain {k}": m for k, m in engine.domain_students.items()},
+        }
+        return {name: torch.nn.utils.parameters_to_vector(m.parameters()) for name, m in modules.items()}
+
+    # the domain students train in domain_step, the global one through global_student_loss
+    for name, a in weights(pixel).items():
+        assert torch.equal(a, weights(whole)[name]), name
+        assert (a - weights(hard)[name]).abs().max() > 1e-3, name
+    student = pixel.evaluation_student()
+    as_pixel = per_image_loss(teacher, student, images, "pixel")
+    assert torch.allclose(per_image_loss(teacher, student, images, "hard", 1.0), as_pixel, atol=1e-6)
+    assert not torch.allclose(per_image_loss(teacher, student, images, "hard", 0.1), as_pixel, atol=1e-3)
 
 
 def test_teacher_trim_drops_the_teacher_term_of_the_most_disagreeing_images():

@@ -1,0 +1,116 @@
+"""Probe: test-time augmentation of a distillation detector's anomaly map (photo benchmark, in-process).
+
+A student's false alarms on a normal image are errors of reproduction that need not survive a
+flip of the image, while a defect is there in every orientation. Each test image is scored as it
+is and flipped (the map flipped back), and the maps are averaged before the image score (the
+product's: top 1 % of the map). Nothing is retrained: one student per cell (the shipped path,
+``fit_detector``, RD with ``--domains 1`` or CDD with ``--domains 2``), every read-out of it
+side by side:
+
+- ``plain``: the product's map;
+- ``flips2``: the mean of the map and that of the horizontally flipped image;
+- ``flips4``: the mean over no flip, horizontal, vertical and both (the four flips of a square);
+- ``d4``: the mean over all eight symmetries of a square (the four flips, each transposed too).
+
+Run: .venv/bin/python bench/tta_probe.py --out bench_out/tta_rd_clean.jsonl --domains 1
+     .venv/bin/python bench/tta_probe.py --out bench_out/tta_*.jsonl --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_cells import add_cell_arguments, cells_by_setting, fit_cdd_cell, run_cells  # noqa: E402
+from quality_grid import mean_std  # noqa: E402
+
+from cdd_ray.evaluate.metrics import auroc  # noqa: E402
+from cdd_ray.models.anomaly_map import image_scores  # noqa: E402
+from cdd_ray.models.detector import score_in_batches  # noqa: E402
+
+# each symmetry as (flip dims, transpose), applied flips first then transpose; undone in reverse
+SYMMETRIES = {
+    "identity": ((), False),
+    "h": ((-1,), False),
+    "v": ((-2,), False),
+    "hv": ((-2, -1), False),
+    "t": ((), True),
+    "ht": ((-1,), True),
+    "vt": ((-2,), True),
+    "hvt": ((-2, -1), True),
+}
+READOUTS = {
+    "plain": ("identity",),
+    "flips2": ("identity", "h"),
+    "flips4": ("identity", "h", "v", "hv"),
+    "d4": tuple(SYMMETRIES),
+}
+
+
+def transformed(images: torch.Tensor, name: str) -> torch.Tensor:
+    dims, transpose = SYMMETRIES[name]
+    out = images.flip(dims) if dims else images
+    return out.transpose(-1, -2) if transpose else out
+
+
+def undone(maps: torch.Tensor, name: str) -> torch.Tensor:
+    dims, transpose = SYMMETRIES[name]
+    out = maps.transpose(-1, -2) if transpose else maps
+    return out.flip(dims) if dims else out
+
+
+def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
+    started = time.perf_counter()
+    config, _, test, detector, _, _ = fit_cdd_cell(teacher, store, category, seed, args)
+    maps = {}
+    for name in SYMMETRIES:
+        with torch.no_grad():
+            symmetric, _ = score_in_batches(detector, transformed(test["images"], name))
+        maps[name] = undone(symmetric, name)
+    result = {}
+    for readout, names in READOUTS.items():
+        mean_map = torch.stack([maps[n] for n in names]).mean(0)
+        scores = image_scores(mean_map, config.eval.top_fraction).numpy()
+        result[readout] = round(auroc(scores, test["labels"]), 4)
+    return {"auroc": result, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def report(paths: list[str]) -> None:
+    for setting, cells in cells_by_setting(paths).items():
+        for domains in sorted({c["key"].split("|")[4] for c in cells}):
+            group = [c for c in cells if c["key"].split("|")[4] == domains]
+            seeds = sorted({c["seed"] for c in group})
+            print(f"\n{setting}, {domains}: {len(group)} cells; image AUROC, mean +- std over seeds")
+            print("| read-out | image AUROC | worst run | paired vs plain | worst cell |")
+            print("|---|---:|---:|---:|---:|")
+            for readout in READOUTS:
+                per_seed = [np.mean([c["auroc"][readout] for c in group if c["seed"] == s]) for s in seeds]
+                worst = min(group, key=lambda c: c["auroc"][readout])
+                diffs = [c["auroc"][readout] - c["auroc"]["plain"] for c in group]
+                where = f"({worst['category']}, s{worst['seed']})"
+                print(
+                    f"| {readout} | {mean_std(per_seed)} | {worst['auroc'][readout]:.3f} {where} | "
+                    f"{mean_std(diffs, signed=True)} | {min(diffs):+.3f} |"
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_cell_arguments(parser)
+    args = parser.parse_args()
+    if args.report:
+        report(args.out)
+        return
+    run_cells(args, run_cell, "", lambda row: row["auroc"])
+
+
+if __name__ == "__main__":
+    main()
