@@ -21,6 +21,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("train.epochs=two", "train.epochs: cannot use 'two'"),
         ("objective.loss_form=cosine", "objective.loss_form: must be one of"),
         ("objective.hard_share=0", "objective.hard_share: must lie in (0, 1\\]"),
+        ("eval.test_time_augment=rot90", "eval.test_time_augment: must be one of"),
         ("objective.feature_jitter=-0.5", "objective.feature_jitter: must be a finite number >= 0"),
         ("objective.feature_jitter=inf", "objective.feature_jitter: must be a finite number >= 0"),
         ("objective.synthetic_anomalies=2", "objective.synthetic_anomalies: must lie in \\[0, 1\\]"),

@@ -124,12 +124,17 @@ def scale_from_training_rows(
 
 
 def load_detector(checkpoint_dir: Path, device: torch.device) -> tuple[nn.Module, Config]:
-    """The checkpoint's detector and its run's config. A checkpoint written before ``eval.distance``
-    and ``eval.top_fraction`` existed is scored as its run was: cosine distance, map maximum."""
+    """The checkpoint's detector and its run's config. A checkpoint written before a scoring key
+    existed is scored as its run was: before ``eval.distance`` and ``eval.top_fraction``, cosine
+    distance and map maximum; before ``eval.test_time_augment``, each image once."""
     state = load_global(Path(checkpoint_dir))
     values = state["config"]
-    if "distance" not in values.get("eval", {}):
-        values = {**values, "eval": {**values.get("eval", {}), "distance": "cos", "top_fraction": 0.0}}
+    scoring = values.get("eval", {})
+    if "distance" not in scoring:
+        scoring = {**scoring, "distance": "cos", "top_fraction": 0.0}
+    if "test_time_augment" not in scoring:
+        scoring = {**scoring, "test_time_augment": "none"}
+    values = {**values, "eval": scoring}
     config = config_from_dict(values)
     return build_detector(config, state, Path(checkpoint_dir), device), config
 

@@ -6,7 +6,8 @@ the benchmarks and the exported model) goes through these, so a method is scored
 - ``DistillationDetector`` (RD and CDD): teacher + global student; map = sum over levels of the
   upsampled per-position distance (1 - cosine, RD4AD's, or with a per-level scale also the
   Euclidean distance), blurred; image score = the mean of the map's top ``top_fraction`` pixels
-  (0: the maximum, RD4AD's). See ``cdd_ray.models.anomaly_map``.
+  (0: the maximum, RD4AD's); optionally the mean map over flips of the image (test-time
+  augmentation). See ``cdd_ray.models.anomaly_map``.
 - ``PatchCoreDetector`` (PatchCore and SoftPatch): teacher + memory bank; map = upsampled, blurred
   nearest-neighbour distances of the locally aware patch features; image score = the (reweighted)
   largest patch score (see ``cdd_ray.models.patchcore.memory_bank``).
@@ -30,13 +31,19 @@ from cdd_ray.models.anomaly_map import DistanceStatistics, anomaly_map, image_sc
 from cdd_ray.models.patchcore.features import patch_features
 from cdd_ray.models.patchcore.memory_bank import MemoryBank, score_patches
 from cdd_ray.models.patchcore.model import MemoryBankConfig
+from cdd_ray.models.symmetry import apply, group_elements, undo
 from cdd_ray.models.teacher import Teacher
 
 
 class DistillationDetector(nn.Module):
     """``scale``: None for the cosine distance, or the (L, 2) per-level training means of the
     ``cos_l2`` distance (``DistanceStatistics.scale``), kept as a buffer so that it moves with
-    ``.to(device)`` and is part of an exported graph."""
+    ``.to(device)`` and is part of an exported graph.
+
+    ``test_time_augment`` (a group of ``cdd_ray.models.symmetry``: ``none``, ``flips``, ``d4``):
+    each image is also scored flipped (and transposed, ``d4``), every map is turned back, and the
+    maps are averaged before the image score: a map that commutes with the group's symmetries, at
+    4 or 8 times the scoring cost."""
 
     def __init__(
         self,
@@ -45,29 +52,35 @@ class DistillationDetector(nn.Module):
         sigma: float = 4.0,
         scale: torch.Tensor | None = None,
         top_fraction: float = 0.0,
+        test_time_augment: str = "none",
     ):
         super().__init__()
         self.teacher = teacher
         self.student = student
         self.sigma = sigma
         self.top_fraction = top_fraction
+        self.symmetries = group_elements(test_time_augment)
         self.distance_scale: torch.Tensor | None
         self.register_buffer("distance_scale", None if scale is None else scale.detach().float().clone())
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.student.eval()
+        maps = torch.stack([undo(self._map(apply(images, s)), s) for s in self.symmetries]).mean(0)
+        return maps, image_scores(maps, self.top_fraction)
+
+    def _map(self, images: torch.Tensor) -> torch.Tensor:
         features = self.teacher(images)
-        maps = anomaly_map(
+        return anomaly_map(
             features, self.student(features), tuple(images.shape[-2:]), self.sigma, self.distance_scale
         )
-        return maps, image_scores(maps, self.top_fraction)
 
 
 def distillation_detector(
     teacher: Teacher, student: nn.Module, settings, scale: torch.Tensor | None
 ) -> DistillationDetector:
-    """The detector that a run's ``eval`` settings (``sigma``, ``distance``, ``top_fraction``; a
+    """The detector that a run's ``eval`` settings (``sigma``, ``distance``, ``top_fraction``,
+    ``test_time_augment``; a
     ``cdd_ray.config.EvalConfig``) ask for. ``scale``: the (L, 2) training means that
     ``distance=cos_l2`` needs (ValueError when it is None); not used with ``cos``."""
     if settings.distance == "cos_l2" and scale is None:
@@ -78,6 +91,7 @@ def distillation_detector(
         settings.sigma,
         scale if settings.distance == "cos_l2" else None,
         settings.top_fraction,
+        settings.test_time_augment,
     )
 
 

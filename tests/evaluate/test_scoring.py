@@ -25,6 +25,7 @@ def test_the_checkpoint_scale_and_top_fraction_make_the_score(tmp_path):
     run = write_run(tmp_path, "distillation")
     detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
     assert (config.eval.distance, config.eval.top_fraction) == ("cos_l2", 0.01)
+    assert config.eval.test_time_augment == "flips" and len(detector.symmetries) == 4  # the default
     stored = torch.load(checkpoint_of(run) / GLOBAL_FILE, weights_only=True)["distance_scale"]
     assert torch.equal(detector.distance_scale, torch.tensor(stored))
     images = torch.rand(2, 3, 32, 32)
@@ -72,12 +73,14 @@ def test_a_checkpoint_without_the_scale_gets_it_from_the_trained_rows_and_an_old
     with pytest.raises(CheckpointError, match=rf"{named}.*cannot be read from .*domains.json"):
         load_detector(checkpoint, torch.device("cpu"))
 
-    def older(state):  # written before eval.distance and eval.top_fraction existed
-        del state["config"]["eval"]["distance"], state["config"]["eval"]["top_fraction"]
+    def older(state):  # written before eval.distance, eval.top_fraction and eval.test_time_augment
+        for key in ("distance", "top_fraction", "test_time_augment"):
+            del state["config"]["eval"][key]
 
     rewrite(checkpoint_of(run), older)
     detector, config = load_detector(checkpoint_of(run), torch.device("cpu"))
     assert (config.eval.distance, config.eval.top_fraction) == ("cos", 0.0)
+    assert config.eval.test_time_augment == "none" and len(detector.symmetries) == 1
     assert detector.distance_scale is None
     maps, scores = detector(torch.rand(2, 3, 32, 32))
     assert torch.equal(scores, maps.flatten(1).amax(1))

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cdd_ray.models.symmetry import GROUPS, apply, group_elements
+
 LOSS_FORMS = ("flat", "pixel", "hard")
 AGGREGATIONS = ("mean", "median")
 # geometric augmentation of the training images: none, a random flip (horizontal, vertical, both or
 # none), or a random element of the dihedral group D4 (the four 90-degree rotations, each flipped or not)
-AUGMENTS = ("none", "flips", "d4")
+AUGMENTS = GROUPS
 EPS = 1e-8
 DEFAULT_HARD_SHARE = 0.1
 
@@ -171,18 +173,10 @@ def random_dihedral(
         return images
     if group == "d4" and images.shape[-1] != images.shape[-2]:
         raise ValueError(f"augment=d4 needs square images, got {tuple(images.shape[-2:])}")
-    count = 8 if group == "d4" else 4
-    draws = torch.randint(count, (images.shape[0],), generator=generator, device=images.device).tolist()
-    out = []
-    for image, draw in zip(images, draws, strict=True):
-        if draw & 1:
-            image = image.flip(-1)
-        if draw & 2:
-            image = image.flip(-2)
-        if draw & 4:
-            image = image.transpose(-1, -2)
-        out.append(image)
-    return torch.stack(out)
+    elements = group_elements(group)
+    draws = torch.randint(len(elements), (images.shape[0],), generator=generator, device=images.device)
+    chosen = [elements[draw] for draw in draws.tolist()]
+    return torch.stack([apply(image, symmetry) for image, symmetry in zip(images, chosen, strict=True)])
 
 
 def rd_loss(
