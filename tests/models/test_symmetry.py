@@ -41,3 +41,8 @@ def test_test_time_augmentation_averages_the_maps_of_each_symmetry_turned_back(g
         moved_maps, moved_scores = augmented(apply(images, symmetry))
         assert torch.allclose(moved_maps, apply(maps, symmetry), atol=1e-5)
         assert torch.allclose(moved_scores, scores, atol=1e-5)
+
+
+def test_d4_refuses_an_image_that_is_not_square():
+    with pytest.raises(ValueError, match="d4 needs square images, got \\(32, 48\\)"):
+        detector("d4")(torch.rand(1, 3, 32, 48))
