@@ -70,11 +70,17 @@ def cells_by_setting(paths: list[str]) -> dict[str, list[dict]]:
     return groups
 
 
-def fit_cdd_cell(teacher, store: Path, category: str, seed: int, args):
-    """CDD trained on one cell through the shipped path (``fit_detector``): returns the config,
-    the train and test splits, the detector, its info, and ``rows`` (the positions in the train
-    split of the images CDD trained on, in its order: all, unless ``data.holdout_fraction``)."""
-    overrides = [f"train.num_domains={args.domains}", f"train.epochs={args.epochs}", f"train.seed={seed}"]
+def fit_cdd_cell(teacher, store: Path, category: str, seed: int, args, extra: tuple[str, ...] = ()):
+    """CDD trained on one cell through the shipped path (``fit_detector``; ``extra``: more dotted
+    overrides): returns the config, the train and test splits, the detector, its info, and
+    ``rows`` (the positions in the train split of the images CDD trained on, in its order: all,
+    unless ``data.holdout_fraction``)."""
+    overrides = [
+        f"train.num_domains={args.domains}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={seed}",
+        *extra,
+    ]
     config = load_config(None, overrides)
     train = load(store, category, "train", 128)
     test = load(store, category, "test", 128)

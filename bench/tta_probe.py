@@ -33,46 +33,23 @@ from quality_grid import mean_std  # noqa: E402
 from cdd_ray.evaluate.metrics import auroc  # noqa: E402
 from cdd_ray.models.anomaly_map import image_scores  # noqa: E402
 from cdd_ray.models.detector import score_in_batches  # noqa: E402
+from cdd_ray.models.symmetry import apply, group_elements, undo  # noqa: E402
 
-# each symmetry as (flip dims, transpose), applied flips first then transpose; undone in reverse
-SYMMETRIES = {
-    "identity": ((), False),
-    "h": ((-1,), False),
-    "v": ((-2,), False),
-    "hv": ((-2, -1), False),
-    "t": ((), True),
-    "ht": ((-1,), True),
-    "vt": ((-2,), True),
-    "hvt": ((-2, -1), True),
-}
-READOUTS = {
-    "plain": ("identity",),
-    "flips2": ("identity", "h"),
-    "flips4": ("identity", "h", "v", "hv"),
-    "d4": tuple(SYMMETRIES),
-}
-
-
-def transformed(images: torch.Tensor, name: str) -> torch.Tensor:
-    dims, transpose = SYMMETRIES[name]
-    out = images.flip(dims) if dims else images
-    return out.transpose(-1, -2) if transpose else out
-
-
-def undone(maps: torch.Tensor, name: str) -> torch.Tensor:
-    dims, transpose = SYMMETRIES[name]
-    out = maps.transpose(-1, -2) if transpose else maps
-    return out.flip(dims) if dims else out
+FLIPS, D4 = group_elements("flips"), group_elements("d4")  # the identity first
+READOUTS = {"plain": D4[:1], "flips2": FLIPS[:2], "flips4": FLIPS, "d4": D4}
 
 
 def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
     started = time.perf_counter()
-    config, _, test, detector, _, _ = fit_cdd_cell(teacher, store, category, seed, args)
+    # the detector scores each image once: the read-outs below average its maps
+    config, _, test, detector, _, _ = fit_cdd_cell(
+        teacher, store, category, seed, args, ("eval.test_time_augment=none",)
+    )
     maps = {}
-    for name in SYMMETRIES:
+    for symmetry in D4:
         with torch.no_grad():
-            symmetric, _ = score_in_batches(detector, transformed(test["images"], name))
-        maps[name] = undone(symmetric, name)
+            symmetric, _ = score_in_batches(detector, apply(test["images"], symmetry))
+        maps[symmetry] = undo(symmetric, symmetry)
     result = {}
     for readout, names in READOUTS.items():
         mean_map = torch.stack([maps[n] for n in names]).mean(0)
