@@ -31,7 +31,7 @@ from cdd_ray.models.anomaly_map import DistanceStatistics, anomaly_map, image_sc
 from cdd_ray.models.patchcore.features import patch_features
 from cdd_ray.models.patchcore.memory_bank import MemoryBank, score_patches
 from cdd_ray.models.patchcore.model import MemoryBankConfig
-from cdd_ray.models.symmetry import apply, group_elements, undo
+from cdd_ray.models.symmetry import apply, check_shape, group_elements, undo
 from cdd_ray.models.teacher import Teacher
 
 
@@ -59,6 +59,7 @@ class DistillationDetector(nn.Module):
         self.student = student
         self.sigma = sigma
         self.top_fraction = top_fraction
+        self.test_time_augment = test_time_augment
         self.symmetries = group_elements(test_time_augment)
         self.distance_scale: torch.Tensor | None
         self.register_buffer("distance_scale", None if scale is None else scale.detach().float().clone())
@@ -66,8 +67,7 @@ class DistillationDetector(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.student.eval()
-        if self.symmetries[-1][1] and images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"test_time_augment=d4 needs square images, got {tuple(images.shape[-2:])}")
+        check_shape(self.test_time_augment, images, "test_time_augment")
         if len(self.symmetries) == 1:
             maps = self._map(images)
         elif torch.jit.is_tracing() or torch.compiler.is_exporting():

@@ -33,6 +33,12 @@ def group_elements(group: str) -> list[Symmetry]:
     return flips if group == "flips" else flips + [(dims, True) for dims in _FLIPS]
 
 
+def check_shape(group: str, images: torch.Tensor, setting: str) -> None:
+    """ValueError naming ``setting`` when ``group`` (d4: it transposes) meets non-square images."""
+    if group == "d4" and images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"{setting}=d4 needs square images, got {tuple(images.shape[-2:])}")
+
+
 def apply(images: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
     """``images`` (..., H, W) flipped along the symmetry's dims, then transposed if it says so."""
     dims, transposed = symmetry

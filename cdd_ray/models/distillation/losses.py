@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cdd_ray.models.symmetry import GROUPS, apply, group_elements
+from cdd_ray.models.symmetry import GROUPS, apply, check_shape, group_elements
 
 LOSS_FORMS = ("flat", "pixel", "hard")
 AGGREGATIONS = ("mean", "median")
@@ -171,8 +171,7 @@ def random_dihedral(
         raise ValueError(f"augment must be one of {AUGMENTS}, got {group!r}")
     if group == "none":
         return images
-    if group == "d4" and images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"augment=d4 needs square images, got {tuple(images.shape[-2:])}")
+    check_shape(group, images, "augment")
     elements = group_elements(group)
     draws = torch.randint(len(elements), (images.shape[0],), generator=generator, device=images.device)
     chosen = [elements[draw] for draw in draws.tolist()]
