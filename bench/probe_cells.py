@@ -1,4 +1,5 @@
-"""The cell loop the in-process photo probes share (``cross_domain_bank.py``, ``score_fusion.py``).
+"""The cell loop and read-out table the in-process photo probes share (``cross_domain_bank.py``,
+``score_fusion.py``, ``tta_probe.py``, ``ensemble_probe.py``).
 
 A probe gives its argument parser and a ``run_cell(teacher, store, category, seed, args) -> dict``;
 ``add_cell_arguments`` adds the options every probe takes and ``run_cells`` runs every (seed,
@@ -12,8 +13,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from photo_quality import CATEGORIES, store_for
+from quality_grid import mean_std
 from synthetic_quality import load
 
 from cdd_ray.config import load_config
@@ -68,6 +71,33 @@ def cells_by_setting(paths: list[str]) -> dict[str, list[dict]]:
             row = json.loads(line)
             groups.setdefault(row["setting"], []).append(row)
     return groups
+
+
+def report_readouts(
+    paths: list[str], reference: str, footer: Callable[[list[dict]], str] | None = None
+) -> None:
+    """For each setting and domain count in the rows of ``paths`` (each row's ``auroc``: image AUROC
+    per read-out), one markdown row per read-out: the mean over categories per seed as mean +- std
+    over seeds, the worst run, and the difference to the ``reference`` read-out per cell (mean +-
+    std and the worst cell). ``footer(cells)``: a line printed under each table."""
+    for setting, cells in cells_by_setting(paths).items():
+        for domains in sorted({c["key"].split("|")[4] for c in cells}):
+            group = [c for c in cells if c["key"].split("|")[4] == domains]
+            seeds = sorted({c["seed"] for c in group})
+            print(f"\n{setting}, {domains}: {len(group)} cells; image AUROC, mean +- std over seeds")
+            print(f"| read-out | image AUROC | worst run | paired vs {reference} | worst cell |")
+            print("|---|---:|---:|---:|---:|")
+            for readout in group[0]["auroc"]:
+                per_seed = [np.mean([c["auroc"][readout] for c in group if c["seed"] == s]) for s in seeds]
+                worst = min(group, key=lambda c: c["auroc"][readout])
+                diffs = [c["auroc"][readout] - c["auroc"][reference] for c in group]
+                where = f"({worst['category']}, s{worst['seed']})"
+                print(
+                    f"| {readout} | {mean_std(per_seed)} | {worst['auroc'][readout]:.3f} {where} | "
+                    f"{mean_std(diffs, signed=True)} | {min(diffs):+.3f} |"
+                )
+            if footer is not None:
+                print(footer(group))
 
 
 def fit_cdd_cell(teacher, store: Path, category: str, seed: int, args, extra: tuple[str, ...] = ()):

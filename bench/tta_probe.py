@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_cells import add_cell_arguments, cells_by_setting, fit_cdd_cell, run_cells  # noqa: E402
-from quality_grid import mean_std  # noqa: E402
+from probe_cells import add_cell_arguments, fit_cdd_cell, report_readouts, run_cells  # noqa: E402
 
 from cdd_ray.evaluate.metrics import auroc  # noqa: E402
 from cdd_ray.models.anomaly_map import image_scores  # noqa: E402
@@ -59,22 +57,7 @@ def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
 
 
 def report(paths: list[str]) -> None:
-    for setting, cells in cells_by_setting(paths).items():
-        for domains in sorted({c["key"].split("|")[4] for c in cells}):
-            group = [c for c in cells if c["key"].split("|")[4] == domains]
-            seeds = sorted({c["seed"] for c in group})
-            print(f"\n{setting}, {domains}: {len(group)} cells; image AUROC, mean +- std over seeds")
-            print("| read-out | image AUROC | worst run | paired vs plain | worst cell |")
-            print("|---|---:|---:|---:|---:|")
-            for readout in READOUTS:
-                per_seed = [np.mean([c["auroc"][readout] for c in group if c["seed"] == s]) for s in seeds]
-                worst = min(group, key=lambda c: c["auroc"][readout])
-                diffs = [c["auroc"][readout] - c["auroc"]["plain"] for c in group]
-                where = f"({worst['category']}, s{worst['seed']})"
-                print(
-                    f"| {readout} | {mean_std(per_seed)} | {worst['auroc'][readout]:.3f} {where} | "
-                    f"{mean_std(diffs, signed=True)} | {min(diffs):+.3f} |"
-                )
+    report_readouts(paths, "plain")
 
 
 def main() -> None:

@@ -116,3 +116,20 @@ def test_a_random_teacher_is_the_same_whatever_the_global_rng_drew_before():
     with pytest.warns(UserWarning, match="RANDOM weights"):
         second = build_teacher(config).state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_teacher_cuts_only_blocks_whose_output_nobody_reads():
+    config = TeacherConfig(backbone="tf_efficientnet_lite0", pretrained=False)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        full = teacher_module.build_backbone(config).eval()  # seeded: the same weights as below
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        teacher = build_teacher(config)
+    assert len(teacher.backbone.blocks) == 5 < len(full.blocks) == 7  # the stride-32 blocks are gone
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = full((images - teacher.mean) / teacher.std)
+    got = teacher(images)
+    assert [f.shape for f in got] == [f.shape for f in expected] and len(got) == 3
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    resnet = timm.create_model(TINY_BACKBONE, features_only=True, out_indices=(1, 2, 3))
+    assert teacher_module.drop_unread_blocks(resnet) is resnet  # a FeatureListNet stops by itself
