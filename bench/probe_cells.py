@@ -76,15 +76,21 @@ def cells_by_setting(paths: list[str]) -> dict[str, list[dict]]:
 def report_readouts(
     paths: list[str], reference: str, footer: Callable[[list[dict]], str] | None = None
 ) -> None:
-    """For each setting and domain count in the rows of ``paths`` (each row's ``auroc``: image AUROC
-    per read-out), one markdown row per read-out: the mean over categories per seed as mean +- std
-    over seeds, the worst run, and the difference to the ``reference`` read-out per cell (mean +-
-    std and the worst cell). ``footer(cells)``: a line printed under each table."""
-    for setting, cells in cells_by_setting(paths).items():
-        for domains in sorted({c["key"].split("|")[4] for c in cells}):
-            group = [c for c in cells if c["key"].split("|")[4] == domains]
+    """For each run of cells in ``paths`` (the same setting, noise, domain count, epochs and probe
+    options; each row's ``auroc``: image AUROC per read-out), one markdown row per read-out: the
+    mean over categories per seed as mean +- std over seeds, the worst run, and the difference to
+    the ``reference`` read-out per cell (mean +- std and the worst cell). ``footer(cells)``: a line
+    printed under each table."""
+
+    def run_of(cell: dict) -> str:  # the key without its seed and category: setting, noise, K, epochs, probe
+        parts = cell["key"].split("|")
+        return "|".join(parts[:2] + parts[4:])
+
+    for cells in cells_by_setting(paths).values():
+        for run in sorted({run_of(c) for c in cells}):
+            group = [c for c in cells if run_of(c) == run]
             seeds = sorted({c["seed"] for c in group})
-            print(f"\n{setting}, {domains}: {len(group)} cells; image AUROC, mean +- std over seeds")
+            print(f"\n{run}: {len(group)} cells; image AUROC, mean +- std over seeds")
             print(f"| read-out | image AUROC | worst run | paired vs {reference} | worst cell |")
             print("|---|---:|---:|---:|---:|")
             for readout in group[0]["auroc"]:

@@ -180,10 +180,11 @@ def drop_unread_blocks(backbone: nn.Module) -> nn.Module:
 
     timm's ``EfficientNetFeatures`` runs every block whatever ``out_indices`` asks for; with
     ``FEATURE_LAYERS`` (reductions 4, 8 and 16) the stride-32 blocks of tf_efficientnet_lite0 run for
-    nothing (~15-25 % of its time at 128 px on one CPU thread). The returned features are bitwise
-    the same (no block feeds an earlier one). Other backbones are returned unchanged: timm's
-    ``FeatureListNet`` (ResNets, WRN50) already stops at its last returned layer. Cut in place;
-    returns ``backbone``."""
+    nothing (1.14-1.17x lite0's images/s at 128 px on one CPU thread, ``bench/teacher_speed.py``).
+    The returned features are bitwise the same (no block feeds an earlier one). Any timm extractor
+    with that layout (``blocks`` and ``_stage_out_idx``, e.g. MobileNetV3's) is cut the same way;
+    others are returned unchanged (timm's ``FeatureListNet``, ResNets and WRN50, already stops at its
+    last returned layer). Cut in place; returns ``backbone``."""
     stages = getattr(backbone, "_stage_out_idx", None)
     blocks = getattr(backbone, "blocks", None)
     if (
