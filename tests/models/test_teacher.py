@@ -1,3 +1,4 @@
+import copy
 import time
 import warnings
 
@@ -9,7 +10,7 @@ import torch
 from cdd_ray.models import teacher as teacher_module
 from cdd_ray.models.distillation.losses import ObjectiveConfig
 from cdd_ray.models.distillation.student import student_spec
-from cdd_ray.models.teacher import TeacherConfig, TeacherWeightsError, build_teacher
+from cdd_ray.models.teacher import Teacher, TeacherConfig, TeacherWeightsError, build_teacher
 from cdd_ray.train.engine import CDDEngine, OptimConfig, fit_in_process
 from tests.conftest import TINY_BACKBONE
 
@@ -22,8 +23,17 @@ def random_teacher(backbone: str = TINY_BACKBONE, seed: int = 0):
         return build_teacher(TeacherConfig(backbone=backbone, pretrained=False))
 
 
+def unfolded_teacher(backbone: str = TINY_BACKBONE):
+    """A random teacher whose batch norms are kept (``build_teacher`` folds them away)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = teacher_module.build_backbone(TeacherConfig(backbone=backbone, pretrained=False))
+    cfg = model.pretrained_cfg
+    return Teacher(model, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
 def test_teacher_stays_frozen_through_cdd_training():
-    teacher = random_teacher()
+    teacher = unfolded_teacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     bn_means = [m.running_mean.clone() for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bn_means, "the tiny backbone should have BatchNorm layers for this test to mean anything"
@@ -97,9 +107,14 @@ def test_local_weight_file_is_loaded(tmp_path):
     source = timm.create_model(TINY_BACKBONE, pretrained=False)
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
-    teacher = build_teacher(TeacherConfig(backbone=TINY_BACKBONE, weights=str(path)))
-    name, tensor = next(iter(teacher.backbone.state_dict().items()))
+    backbone = teacher_module.build_backbone(TeacherConfig(backbone=TINY_BACKBONE, weights=str(path)))
+    name, tensor = next(iter(backbone.state_dict().items()))
     assert torch.equal(tensor, source.state_dict()[name])
+    teacher = build_teacher(TeacherConfig(backbone=TINY_BACKBONE, weights=str(path)))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = backbone.eval()((images - teacher.mean) / teacher.std)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(teacher(images), expected, strict=True))
 
 
 def test_missing_weight_file_names_it(tmp_path):
@@ -130,6 +145,68 @@ def test_the_teacher_cuts_only_blocks_whose_output_nobody_reads():
         expected = full((images - teacher.mean) / teacher.std)
     got = teacher(images)
     assert [f.shape for f in got] == [f.shape for f in expected] and len(got) == 3
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # equal up to the rounding of the folded batch norms (test_folded_batch_norms_...)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
     resnet = timm.create_model(TINY_BACKBONE, features_only=True, out_indices=(1, 2, 3))
     assert teacher_module.drop_unread_blocks(resnet) is resnet  # a FeatureListNet stops by itself
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", TINY_BACKBONE])
+def test_folded_batch_norms_give_the_unfolded_features(backbone):
+    reference = unfolded_teacher(backbone).backbone.eval()
+    norms = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    generator = torch.Generator().manual_seed(1)
+    for norm in norms:  # statistics and affine terms a wrong fold would get wrong
+        for tensor, low, high in [
+            (norm.running_mean, -0.5, 0.5),
+            (norm.running_var, 0.5, 2.0),
+            (norm.weight.data, 0.5, 1.5),
+            (norm.bias.data, -0.2, 0.2),
+        ]:
+            tensor.uniform_(low, high, generator=generator)
+    folded = copy.deepcopy(reference)
+    assert teacher_module.fold_batch_norms(folded) == len(norms) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pairs = list(zip(folded(images), reference(images), strict=True))
+    assert len(pairs) == 3
+    for got, expected in pairs:
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_built_teacher_is_folded_and_computes_in_the_layout_asked(channels_last):
+    reference = unfolded_teacher()
+    with pytest.warns(UserWarning, match="RANDOM weights"):  # seeded: the same weights as above
+        teacher = build_teacher(
+            TeacherConfig(backbone=TINY_BACKBONE, pretrained=False, channels_last=channels_last)
+        )
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got, expected = teacher(images), reference(images)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
+    assert [f.is_contiguous(memory_format=torch.channels_last) for f in got] == [channels_last] * 3
+
+
+def test_a_fold_that_would_change_the_features_is_refused_and_named():
+    class SideNorm(torch.nn.Module):  # the norm is registered after the conv but reads the input
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return [self.conv(x) + self.norm(x)]
+
+    model = SideNorm().eval()
+    model.norm.weight.data.fill_(2.0)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(images)[0]
+    with pytest.warns(UserWarning, match="SideNorm.*kept unfolded"):
+        assert teacher_module.fold_batch_norms(model) == 0
+    assert isinstance(model.norm, torch.nn.BatchNorm2d) and type(model.conv) is torch.nn.Conv2d
+    with torch.no_grad():
+        assert torch.equal(model(images)[0], before)

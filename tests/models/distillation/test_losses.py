@@ -202,7 +202,8 @@ def test_every_loss_the_engine_and_the_proxy_compute_takes_the_runs_hard_share()
             "global": engine.global_student,
             **{f"domain {k}": m for k, m in engine.domain_students.items()},
         }
-        return {name: torch.nn.utils.parameters_to_vector(m.parameters()) for name, m in modules.items()}
+        # flatten, not parameters_to_vector: the students' weights are channels-last
+        return {n: torch.cat([p.detach().flatten() for p in m.parameters()]) for n, m in modules.items()}
 
     # the domain students train in domain_step, the global one through global_student_loss
     for name, a in weights(pixel).items():

@@ -92,3 +92,33 @@ def test_width_factor_widens_every_block_and_overrides_the_backbones():
 def test_bad_student_settings_are_refused_by_name(setting, message):
     with pytest.raises(ValueError, match=message):
         student_spec([24, 40, 112], [4, 8, 16], student=StudentConfig(**setting))
+
+
+def test_the_channels_last_student_is_the_same_function_and_its_weights_load_either_way():
+    teacher = random_teacher()
+    features = teacher(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    students = {}
+    for layout in (True, False):
+        torch.manual_seed(0)
+        spec = student_spec(teacher.channels, teacher.reductions, student=StudentConfig(channels_last=layout))
+        students[layout] = Student(spec).eval()
+    fast, plain = students[True], students[False]
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fast.state_dict().values(), plain.state_dict().values(), strict=True)
+    )
+    with torch.no_grad():
+        for a, b in zip(fast(features), plain(features), strict=True):
+            assert a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous()
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for module in plain.modules():  # a checkpoint of one layout loads into the other
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data.add_(0.01)
+    fast.load_state_dict(plain.state_dict())
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fast.state_dict().values(), plain.state_dict().values(), strict=True)
+    )
+    assert convs[0].is_contiguous(memory_format=torch.channels_last)
