@@ -25,7 +25,6 @@ import copy
 import platform
 import statistics
 import time
-import warnings
 
 import torch
 
@@ -69,10 +68,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a random teacher's warning, when --weights is not given
-        config = TeacherConfig(backbone=args.backbone, weights=args.weights)
-        arms = teachers(config)
+    config = TeacherConfig(backbone=args.backbone, weights=args.weights)
+    arms = teachers(config)
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in arms["cut + folded"].modules()):
+        raise SystemExit(f"{args.backbone}: build_teacher kept batch norms (its warning says why)")
     images = torch.rand(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     batches = list(images.split(args.batch))
     print(

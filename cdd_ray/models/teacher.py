@@ -222,66 +222,83 @@ def _batch_norm_pairs(module: nn.Module) -> list[tuple]:
     """(conv's parent, conv name, conv, norm's parent, norm name, norm) for every BatchNorm2d
     registered right after a Conv2d of the same parent, or right after a Sequential that ends in
     one (a deep stem), whose output width it normalizes (timm's EfficientNet, MobileNet and ResNet
-    blocks register each convolution just before its norm)."""
+    blocks register each convolution just before its norm). Modules in training mode or with hooks
+    are left out."""
     pairs = []
     for parent in module.modules():
         children = list(parent.named_children())
         for (conv_name, conv), (norm_name, norm) in zip(children, children[1:], strict=False):
             conv_parent = parent
             while isinstance(conv, nn.Sequential) and len(conv):
-                conv_parent, conv_name, conv = conv, str(len(conv) - 1), conv[-1]
+                conv_parent, (conv_name, conv) = conv, list(conv.named_children())[-1]
             if (
                 isinstance(conv, nn.Conv2d)
                 and isinstance(norm, nn.BatchNorm2d)
                 and norm.track_running_stats
                 and norm.num_features == conv.out_channels
+                and not (conv.training or norm.training)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in (conv, norm))
             ):
                 pairs.append((conv_parent, conv_name, conv, parent, norm_name, norm))
     return pairs
 
 
-def fold_batch_norms(backbone: nn.Module, probe_size: int = 64, tolerance: float = 1e-4) -> int:
-    """Fold each inference-mode batch norm into the convolution before it (a frozen teacher's
-    norms are affine maps: w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var +
-    eps) + beta; ``torch.nn.utils.fusion.fuse_conv_bn_eval``). A norm with a built-in activation
-    (timm's ``BatchNormAct2d``) leaves that activation in its place.
+def fold_batch_norms(
+    backbone: nn.Module, probe_size: int = 64, tolerance: float = 1e-4
+) -> tuple[nn.Module, int]:
+    """The backbone with each inference-mode batch norm folded into the convolution before it, and
+    the number folded. A frozen norm is an affine map per channel, so with s = gamma / sqrt(var +
+    eps): w' = w * s, b' = (b - mean) * s + beta (``torch.nn.utils.fusion.fuse_conv_bn_eval``). A
+    norm with a built-in activation (timm's ``BatchNormAct2d``) leaves that activation in its place.
 
     The pairs are found by registration order (``_batch_norm_pairs``), which says nothing certain
-    about the data flow, so the folded backbone is checked against a copy of the original on a
-    random (1, 3, ``probe_size``, ``probe_size``) batch: if any feature differs by more than
-    ``tolerance`` times its largest magnitude, nothing is folded and a warning names the backbone.
-    In place; returns the number of norms folded. The features equal the unfolded ones up to
-    float rounding (~1e-5 relative for tf_efficientnet_lite0)."""
+    about the data flow, so the folding is done on a copy and checked on a random (1, 3,
+    ``probe_size``, ``probe_size``) batch against the original's features (a list or tuple of
+    tensors, or one tensor). The copy is returned only if every feature is within ``tolerance``
+    times its largest magnitude; otherwise (or if folding or the probe raises, or the backbone is
+    in training mode, or a timm extractor collects its features through hooks) the original is
+    returned unchanged with 0, with a warning naming the backbone when a fold was tried and
+    refused. Never raises. The features of a returned copy
+    equal the original's up to float rounding (~3e-6 relative for tf_efficientnet_lite0)."""
+    import copy
+
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    pairs = _batch_norm_pairs(backbone)
-    if not pairs or backbone.training:
-        return 0
-    parents = {id(p): p for pair in pairs for p in (pair[0], pair[3])}
-    original = {key: dict(parent.named_children()) for key, parent in parents.items()}
+    if backbone.training or getattr(backbone, "feature_hooks", None) is not None:
+        return backbone, 0
+    folded = copy.deepcopy(backbone)
+    pairs = _batch_norm_pairs(folded)
+    if not pairs:
+        return backbone, 0
     probe = torch.rand(1, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = backbone(probe)
-        for conv_parent, conv_name, conv, norm_parent, norm_name, norm in pairs:
-            setattr(conv_parent, conv_name, fuse_conv_bn_eval(conv, norm))
-            rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
-            setattr(norm_parent, norm_name, nn.Sequential(*rest) if rest else nn.Identity())
-        folded = backbone(probe)
-    worst = max(
-        float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-        for a, b in zip(folded, expected, strict=True)
-    )
+
+    def features(model: nn.Module) -> list[torch.Tensor]:
+        out = model(probe)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+
+    try:
+        with torch.no_grad():
+            expected = features(backbone)
+            for conv_parent, conv_name, conv, norm_parent, norm_name, norm in pairs:
+                setattr(conv_parent, conv_name, fuse_conv_bn_eval(conv, norm))
+                rest = [getattr(norm, n) for n in ("drop", "act") if getattr(norm, n, None) is not None]
+                setattr(norm_parent, norm_name, nn.Sequential(*rest) if rest else nn.Identity())
+            got = features(folded)
+        worst = max(
+            float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+            for a, b in zip(got, expected, strict=True)
+        )
+        why = f"changed the features (largest relative difference {worst:.2g})"
+    except Exception as error:  # noqa: BLE001 -- any failure of an optional speed-up keeps the original
+        worst, why = float("inf"), f"failed ({type(error).__name__}: {error})"
     if worst <= tolerance:
-        return len(pairs)
-    for key, parent in parents.items():
-        for name, child in original[key].items():
-            setattr(parent, name, child)
+        return folded, len(pairs)
     warnings.warn(
-        f"teacher {type(backbone).__name__}: folding its batch norms changed the features (largest "
-        f"relative difference {worst:.2g}), so they are kept unfolded (correct, slower)",
+        f"teacher {type(backbone).__name__}: folding its batch norms {why}, so they are kept "
+        "unfolded (the same features, slower)",
         stacklevel=2,
     )
-    return 0
+    return backbone, 0
 
 
 def build_teacher(config: TeacherConfig) -> Teacher:
@@ -289,8 +306,7 @@ def build_teacher(config: TeacherConfig) -> Teacher:
     (``drop_unread_blocks``) and its batch norms folded into the convolutions (``fold_batch_norms``),
     normalizing images with its pretrained mean and std, in the channels-last layout when
     ``config.channels_last``."""
-    backbone = drop_unread_blocks(build_backbone(config)).eval()
-    fold_batch_norms(backbone)
+    backbone, _ = fold_batch_norms(drop_unread_blocks(build_backbone(config)).eval())
     cfg = backbone.pretrained_cfg
     return Teacher(backbone, tuple(cfg["mean"]), tuple(cfg["std"]), config.channels_last)
 

@@ -1,6 +1,6 @@
-import copy
 import time
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -32,11 +32,12 @@ def unfolded_teacher(backbone: str = TINY_BACKBONE):
     return Teacher(model, tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-def test_teacher_stays_frozen_through_cdd_training():
-    teacher = unfolded_teacher()
+@pytest.mark.parametrize("folded", [True, False])
+def test_teacher_stays_frozen_through_cdd_training(folded):
+    teacher = random_teacher() if folded else unfolded_teacher()  # as built, and with its norms
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     bn_means = [m.running_mean.clone() for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bn_means, "the tiny backbone should have BatchNorm layers for this test to mean anything"
+    assert bool(bn_means) is not folded, "the unfolded tiny backbone should have BatchNorm layers"
     engine = CDDEngine.create(
         teacher, student_spec(teacher.channels, teacher.reductions), 2, ObjectiveConfig(), OptimConfig()
     )
@@ -140,12 +141,16 @@ def test_the_teacher_cuts_only_blocks_whose_output_nobody_reads():
     with pytest.warns(UserWarning, match="RANDOM weights"):
         teacher = build_teacher(config)
     assert len(teacher.backbone.blocks) == 5 < len(full.blocks) == 7  # the stride-32 blocks are gone
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        cut = teacher_module.drop_unread_blocks(teacher_module.build_backbone(config).eval())
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = full((images - teacher.mean) / teacher.std)
+        normalized = (images - teacher.mean) / teacher.std
+        expected, exact = full(normalized), cut(normalized)
     got = teacher(images)
     assert [f.shape for f in got] == [f.shape for f in expected] and len(got) == 3
-    # equal up to the rounding of the folded batch norms (test_folded_batch_norms_...)
+    assert all(torch.equal(a, b) for a, b in zip(exact, expected, strict=True))  # the cut alone
+    # the built teacher also folds its norms: equal up to rounding (test_folded_batch_norms_...)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
     resnet = timm.create_model(TINY_BACKBONE, features_only=True, out_indices=(1, 2, 3))
     assert teacher_module.drop_unread_blocks(resnet) is resnet  # a FeatureListNet stops by itself
@@ -164,9 +169,10 @@ def test_folded_batch_norms_give_the_unfolded_features(backbone):
             (norm.bias.data, -0.2, 0.2),
         ]:
             tensor.uniform_(low, high, generator=generator)
-    folded = copy.deepcopy(reference)
-    assert teacher_module.fold_batch_norms(folded) == len(norms) > 0
+    folded, count = teacher_module.fold_batch_norms(reference)
+    assert count == len(norms) > 0 and folded is not reference
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert len([m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == count
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         pairs = list(zip(folded(images), reference(images), strict=True))
@@ -190,23 +196,54 @@ def test_the_built_teacher_is_folded_and_computes_in_the_layout_asked(channels_l
     assert [f.is_contiguous(memory_format=torch.channels_last) for f in got] == [channels_last] * 3
 
 
-def test_a_fold_that_would_change_the_features_is_refused_and_named():
-    class SideNorm(torch.nn.Module):  # the norm is registered after the conv but reads the input
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-            self.norm = torch.nn.BatchNorm2d(3)
+class SideNorm(torch.nn.Module):
+    """The norm is registered right after a conv (a named Sequential) but reads the input."""
 
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            OrderedDict(widen=torch.nn.Conv2d(3, 4, 1), conv=torch.nn.Conv2d(4, 3, 3, padding=1))
+        )
+        self.norm = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return [self.body(x) + self.norm(x)]
+
+
+class Broken(SideNorm):
+    def forward(self, x):
+        if not isinstance(self.norm, torch.nn.BatchNorm2d):
+            raise RuntimeError("no norm")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(("model_class", "why"), [(SideNorm, "changed the features"), (Broken, "failed")])
+def test_a_fold_that_would_change_the_features_is_refused_and_named(model_class, why):
+    model = model_class().eval()
+    model.norm.weight.data.fill_(2.0)
+    children = {name: module for name, module in model.named_modules()}
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(images)[0]
+    with pytest.warns(UserWarning, match=f"{model_class.__name__}: folding its batch norms {why}"):
+        kept, count = teacher_module.fold_batch_norms(model)
+    assert kept is model and count == 0
+    assert dict(model.named_modules()) == children  # nothing replaced, nothing added
+    with torch.no_grad():
+        assert torch.equal(model(images)[0], before)
+
+
+def test_a_named_sequential_before_a_norm_folds_into_its_last_conv():
+    class Stem(SideNorm):
         def forward(self, x):
-            return [self.conv(x) + self.norm(x)]
+            return [self.norm(self.body(x))]
 
-    model = SideNorm().eval()
+    model = Stem().eval()
+    model.norm.running_mean.fill_(0.3)
     model.norm.weight.data.fill_(2.0)
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         before = model(images)[0]
-    with pytest.warns(UserWarning, match="SideNorm.*kept unfolded"):
-        assert teacher_module.fold_batch_norms(model) == 0
-    assert isinstance(model.norm, torch.nn.BatchNorm2d) and type(model.conv) is torch.nn.Conv2d
-    with torch.no_grad():
-        assert torch.equal(model(images)[0], before)
+        folded, count = teacher_module.fold_batch_norms(model)
+        assert count == 1 and list(folded.body._modules) == ["widen", "conv"]
+        assert torch.allclose(folded(images)[0], before, atol=1e-6)
