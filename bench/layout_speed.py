@@ -30,7 +30,14 @@ import torch
 
 from cdd_ray.models.distillation.losses import rd_loss
 from cdd_ray.models.distillation.student import Student, StudentConfig, student_spec
-from cdd_ray.models.teacher import Teacher, TeacherConfig, build_backbone, build_teacher, drop_unread_blocks
+from cdd_ray.models.teacher import (
+    Teacher,
+    TeacherConfig,
+    build_backbone,
+    build_teacher,
+    drop_unread_blocks,
+    largest_relative_difference,
+)
 
 
 def teachers(config: TeacherConfig) -> dict[str, Teacher]:
@@ -49,10 +56,6 @@ def students(teacher: Teacher, backbone: str) -> dict[str, Student]:
         layout_config = StudentConfig(channels_last=layout)
         arms[name] = Student(student_spec(teacher.channels, teacher.reductions, backbone, layout_config))
     return arms
-
-
-def largest_difference(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(outputs, reference, strict=True))
 
 
 def main() -> None:
@@ -87,7 +90,7 @@ def main() -> None:
         return time.perf_counter() - started
 
     reference = arms["whole"](batches[0])
-    differences = {name: largest_difference(t(batches[0]), reference) for name, t in arms.items()}
+    differences = {name: largest_relative_difference(t(batches[0]), reference) for name, t in arms.items()}
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.rounds):
         for name, teacher in arms.items():
@@ -121,7 +124,7 @@ def main() -> None:
     with torch.no_grad():  # the same initial weights: the outputs differ by float rounding only
         outputs = {name: net.eval()(plain_features) for name, net in nets.items()}
     first = next(iter(outputs.values()))
-    differences = {name: largest_difference(out, first) for name, out in outputs.items()}
+    differences = {name: largest_relative_difference(out, first) for name, out in outputs.items()}
     for name in nets:
         train_seconds(name, 1)  # warm-up
     for label, timer in (("student training step", train_seconds), ("student forward", eval_seconds)):

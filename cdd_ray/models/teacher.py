@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import warnings
@@ -243,6 +244,15 @@ def _batch_norm_pairs(module: nn.Module) -> list[tuple]:
     return pairs
 
 
+def largest_relative_difference(features: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """max over levels of max |f - r| / max |r| (levels paired in order; ValueError if the counts
+    differ)."""
+    return max(
+        float((f - r).abs().max() / r.abs().max().clamp_min(1e-12))
+        for f, r in zip(features, reference, strict=True)
+    )
+
+
 def fold_batch_norms(
     backbone: nn.Module, probe_size: int = 64, tolerance: float = 1e-4
 ) -> tuple[nn.Module, int]:
@@ -260,8 +270,6 @@ def fold_batch_norms(
     returned unchanged with 0, with a warning naming the backbone when a fold was tried and
     refused. Never raises. The features of a returned copy
     equal the original's up to float rounding (~3e-6 relative for tf_efficientnet_lite0)."""
-    import copy
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if backbone.training or getattr(backbone, "feature_hooks", None) is not None:
@@ -290,10 +298,7 @@ def fold_batch_norms(
                 rest = [getattr(norm, n) for n in ("drop", "act") if getattr(norm, n, None) is not None]
                 setattr(norm_parent, norm_name, nn.Sequential(*rest) if rest else nn.Identity())
             got = features(folded)
-        worst = max(
-            float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-            for a, b in zip(got, expected, strict=True)
-        )
+        worst = largest_relative_difference(got, expected)
         why = f"changed the features (largest relative difference {worst:.2g})"
     except Exception as error:  # noqa: BLE001 -- any failure of an optional speed-up keeps the original
         worst, why = float("inf"), f"failed ({type(error).__name__}: {error})"
