@@ -35,7 +35,7 @@ from quality_grid import mean_std  # bench/ is on sys.path when run as a script
 from synthetic_quality import load
 
 from cdd_ray.config import load_config, method_label
-from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark
+from cdd_ray.data.photos import CATEGORIES, PLACEMENTS, PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
 from cdd_ray.evaluate.metrics import auroc, compute_metrics
@@ -135,6 +135,7 @@ def planned_cells(args) -> list[dict]:
                         labels = (setting, noise, seed, category, name, args.epochs, args.size, args.teacher)
                         key = "|".join(map(str, labels)) + train_suffix(args)
                         key += "" if args.device == "cpu" else f"|{args.device}"
+                        key += "" if args.defects_at == "middle" else f"|{args.defects_at}"
                         cells.append(
                             dict(
                                 key=key,
@@ -157,12 +158,16 @@ def run(args) -> None:
     todo = [c for c in planned_cells(args) if c["key"] not in done]
     # Default folders per image size and training-set size.
     suffix = ("" if args.size == 128 else str(args.size)) + train_suffix(args).replace("|", "-")
+    suffix += "" if args.defects_at == "middle" else f"-{args.defects_at}"
     tree = Path(args.tree or f"bench_out/photos_tree{suffix}")
     if not tree.exists():
         write_photo_benchmark(
             tree,
             PhotoBenchmarkConfig(
-                image_size=args.size, train_normal=args.train_normal, categories=tuple(CATEGORIES)
+                image_size=args.size,
+                train_normal=args.train_normal,
+                categories=tuple(CATEGORIES),
+                defects_at=args.defects_at,
             ),
         )
     written = Image.open(next(tree.glob("*/train/good/*.png"))).size[0]
@@ -186,6 +191,7 @@ def run(args) -> None:
         result = run_cell(teacher, teacher_config, store, cell, args)
         settings = {"epochs": args.epochs, "size": args.size, "teacher": args.teacher, "device": args.device}
         row = cell | result | settings | {"train_normal": args.train_normal, "draw": draw}
+        row["defects_at"] = args.defects_at
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(
@@ -353,6 +359,12 @@ def main() -> None:
         type=int,
         default=TRAIN_NORMAL,
         help="normal training images per category (the benchmark's 80; another count writes its own tree)",
+    )
+    parser.add_argument(
+        "--defects-at",
+        choices=PLACEMENTS,
+        default="middle",
+        help="where the benchmark's defects lie: middle (its default) or edge (own tree, -edge)",
     )
     parser.add_argument(
         "--tree",

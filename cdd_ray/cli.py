@@ -212,7 +212,9 @@ def _photos(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.data.photos import CATEGORIES, PhotoBenchmarkConfig, write_photo_benchmark
 
     categories = tuple(args.category or CATEGORIES)
-    config = PhotoBenchmarkConfig(image_size=args.image_size, seed=args.seed, categories=categories)
+    config = PhotoBenchmarkConfig(
+        image_size=args.image_size, seed=args.seed, categories=categories, defects_at=args.defects_at
+    )
     counts = write_photo_benchmark(Path(args.out), config)
     for category, per_folder in counts.items():
         console.print(
@@ -343,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("--category", action="append", help="tissue, lunar, retina, deepfield (repeatable)")
     photos.add_argument("--image-size", type=int, default=128)
     photos.add_argument("--seed", type=int, default=0)
+    photos.add_argument(
+        "--defects-at",
+        choices=("middle", "edge"),  # cdd_ray.data.photos.PLACEMENTS (not imported: scipy at start-up)
+        default="middle",
+        help="middle (the benchmark's) or edge: every defect next to a side of the image",
+    )
     photos.set_defaults(handler=_photos)
 
     demo = commands.add_parser(

@@ -22,6 +22,14 @@ filled with another photograph). Each mask is exactly the set of pixels the defe
 defect leaves every other pixel untouched, and changes the masked ones by at least ``MIN_CHANGE``
 on average.
 
+Where defects lie (``defects_at``, one of ``PLACEMENTS``): ``middle`` (the default, the benchmark
+every figure in BENCHMARKS.md uses unless it says otherwise): a blob's centre and a scratch's start
+in the middle 60 % (70 % for scratches) of each side; ``edge``: next to a side of the image, drawn
+uniformly among the four, a blob's centre ``EDGE_BAND`` (2-12 %) of the side away from it and a
+scratch running along it (within 25 degrees), so that most of every defect lies in the band where
+a student's zero padding acts (BENCHMARKS.md "Where RD's false alarms sit"). The normal images are
+the same in both.
+
 Deterministic: every crop has its own RNG seeded by (seed, category, split, index).
 
 Example::
@@ -62,6 +70,25 @@ DEFECTS = ("scratch", "stain", "hole", "foreign")
 FOREIGN_PHOTO = "coffee"
 RESERVED = ("brick", "grass", "gravel")  # the independent check's photographs: never used here
 SPLIT_CODES = {"train": 0, "test": 1}
+PLACEMENTS = ("middle", "edge")
+EDGE_BAND = (0.02, 0.12)  # edge: a blob centre's distance from its side, as a share of the side
+
+
+def edge_point(rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(x, y) in image-width units next to a side drawn uniformly (0 left, 1 right, 2 top, 3
+    bottom): ``EDGE_BAND`` away from it, uniform in [0.05, 0.95] along it; and that side."""
+    side = int(rng.integers(4))
+    depth = rng.uniform(*EDGE_BAND)
+    along = rng.uniform(0.05, 0.95)
+    across = depth if side in (0, 2) else 1.0 - depth
+    point = np.array([across, along]) if side < 2 else np.array([along, across])
+    return point, side
+
+
+def _centre(rng: np.random.Generator, at: str) -> np.ndarray:
+    if at == "edge":
+        return edge_point(rng)[0]
+    return rng.uniform(0.2, 0.8, 2)
 
 
 @dataclass
@@ -72,6 +99,7 @@ class PhotoBenchmarkConfig:
     test_anomalous: int = 80
     seed: int = 0
     categories: tuple[str, ...] = CATEGORIES
+    defects_at: str = "middle"  # one of PLACEMENTS (module docstring)
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -112,10 +140,13 @@ def normal_crop(pixels: np.ndarray, photo: Photo, rng: np.random.Generator, size
     return np.clip((pixels - mean) * rng.uniform(0.94, 1.06) + mean * rng.uniform(0.94, 1.06), 0, 1)
 
 
-def irregular_blob(rng: np.random.Generator, size: int, radius: tuple[float, float]) -> np.ndarray:
-    """A connected blob: an ellipse whose edge is bent by smooth noise; radius as a share of size."""
+def irregular_blob(
+    rng: np.random.Generator, size: int, radius: tuple[float, float], at: str = "middle"
+) -> np.ndarray:
+    """A connected blob: an ellipse whose edge is bent by smooth noise; radius as a share of size,
+    its centre placed as ``at`` (one of PLACEMENTS) says."""
     y, x = np.mgrid[0:size, 0:size] / size
-    cx, cy = rng.uniform(0.2, 0.8, 2)
+    cx, cy = _centre(rng, at)
     a, b = rng.uniform(*radius, 2)
     angle = rng.uniform(0, np.pi)
     u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
@@ -130,9 +161,17 @@ def irregular_blob(rng: np.random.Generator, size: int, radius: tuple[float, flo
     return labels == largest
 
 
-def _scratch(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scratch(
+    rng: np.random.Generator, image: np.ndarray, _: np.ndarray, at: str
+) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
-    px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6)
+    if at == "edge":  # along the side: 0 or pi (left/right sides: +-pi/2), within 25 degrees
+        start, side = edge_point(rng)
+        direction = (np.pi / 2 if side < 2 else 0.0) + np.pi * int(rng.integers(2))
+        direction += rng.uniform(-1, 1) * np.radians(25)
+        px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6, start=start, direction=direction)
+    else:
+        px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6)
     inside = (px >= 0) & (px < 1) & (py >= 0) & (py < 1)
     mask = np.zeros((size, size), bool)
     mask[(py[inside] * size).astype(int), (px[inside] * size).astype(int)] = True
@@ -144,8 +183,10 @@ def _scratch(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tupl
     return out, mask
 
 
-def _stain(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mask = irregular_blob(rng, image.shape[0], (0.06, 0.14))
+def _stain(
+    rng: np.random.Generator, image: np.ndarray, _: np.ndarray, at: str
+) -> tuple[np.ndarray, np.ndarray]:
+    mask = irregular_blob(rng, image.shape[0], (0.06, 0.14), at)
     shift = rng.uniform(-1, 1, 3)
     shift *= rng.uniform(0.08, 0.18) / np.abs(shift).max()
     out = image.copy()
@@ -153,8 +194,10 @@ def _stain(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tuple[
     return out, mask
 
 
-def _hole(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mask = irregular_blob(rng, image.shape[0], (0.04, 0.09))
+def _hole(
+    rng: np.random.Generator, image: np.ndarray, _: np.ndarray, at: str
+) -> tuple[np.ndarray, np.ndarray]:
+    mask = irregular_blob(rng, image.shape[0], (0.04, 0.09), at)
     smooth = ndimage.gaussian_filter(image, sigma=(3, 3, 0))
     behind = 0.05 if image[mask].mean() > 0.35 else 0.9  # dark hole, or backlight through dark stock
     out = image.copy()
@@ -162,9 +205,11 @@ def _hole(rng: np.random.Generator, image: np.ndarray, _: np.ndarray) -> tuple[n
     return out, mask
 
 
-def _foreign(rng: np.random.Generator, image: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _foreign(
+    rng: np.random.Generator, image: np.ndarray, other: np.ndarray, at: str
+) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
-    mask = irregular_blob(rng, size, (0.05, 0.11))
+    mask = irregular_blob(rng, size, (0.05, 0.11), at)
     top = int(rng.integers(0, other.shape[0] - size + 1))
     left = int(rng.integers(0, other.shape[1] - size + 1))
     out = image.copy()
@@ -175,21 +220,29 @@ def _foreign(rng: np.random.Generator, image: np.ndarray, other: np.ndarray) -> 
 DRAW = {"scratch": _scratch, "stain": _stain, "hole": _hole, "foreign": _foreign}
 MIN_CHANGE = 0.06  # mean absolute change inside the mask (of 1), so that no defect is invisible
 ATTEMPTS = 20
+# edge: a defect whose mask covers less of the image than this (a blob mostly outside it) is drawn
+# again; the middle placement's smallest masks cover about twice as much
+MIN_EDGE_AREA = 0.001
 
 
 def draw_defect(
-    defect: str, rng: np.random.Generator, image: np.ndarray, foreign: np.ndarray
+    defect: str, rng: np.random.Generator, image: np.ndarray, foreign: np.ndarray, at: str = "middle"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image with the defect, its exact mask); ``image`` is float RGB (S, S, 3) in [0, 1].
+    """(image with the defect, its exact mask); ``image`` is float RGB (S, S, 3) in [0, 1]; ``at``
+    (one of PLACEMENTS) says where the defect lies (module docstring).
 
     A draw that changes the masked pixels by less than ``MIN_CHANGE`` on average (a dark hole on a
-    dark sky) is drawn again elsewhere; raises RuntimeError after ``ATTEMPTS`` draws."""
+    dark sky), or at the edge covers less than ``MIN_EDGE_AREA`` of the image, is drawn again;
+    raises RuntimeError after ``ATTEMPTS`` draws, ValueError for an unknown defect or placement."""
     if defect not in DRAW:
         raise ValueError(f"unknown defect {defect!r}; choose from {DEFECTS}")
+    if at not in PLACEMENTS:
+        raise ValueError(f"unknown defect placement {at!r}; choose from {PLACEMENTS}")
     for _ in range(ATTEMPTS):
-        out, mask = DRAW[defect](rng, image, foreign)
+        out, mask = DRAW[defect](rng, image, foreign, at)
         out = np.clip(out, 0.0, 1.0)
-        if mask.any() and np.abs(out - image)[mask].mean() >= MIN_CHANGE:
+        large_enough = at != "edge" or mask.mean() >= MIN_EDGE_AREA
+        if mask.any() and large_enough and np.abs(out - image)[mask].mean() >= MIN_CHANGE:
             return out, mask
     raise RuntimeError(f"no visible {defect} after {ATTEMPTS} draws")
 
@@ -218,7 +271,7 @@ def _write_category(base: Path, category: str, config: PhotoBenchmarkConfig) -> 
         folder = base / category / split / defect
         folder.mkdir(parents=True, exist_ok=True)
         if label:
-            image, mask = draw_defect(defect, rng, image, foreign)
+            image, mask = draw_defect(defect, rng, image, foreign, config.defects_at)
             masks = base / category / "ground_truth" / defect
             masks.mkdir(parents=True, exist_ok=True)
             (masks / f"{name}_mask.png").write_bytes(encode_mask(mask))
@@ -232,11 +285,13 @@ def write_photo_benchmark(out: Path, config: PhotoBenchmarkConfig | None = None)
 
     The tree is written beside ``out`` under a temporary name and renamed when complete, so an
     interrupted run leaves nothing half-written. Raises FileExistsError when ``out`` exists and
-    ValueError for an unknown category."""
+    ValueError for an unknown category or ``defects_at``."""
     config = config or PhotoBenchmarkConfig()
     unknown = sorted(set(config.categories) - set(CATEGORIES))
     if unknown:
         raise ValueError(f"unknown photo categories {unknown}; choose from {CATEGORIES}")
+    if config.defects_at not in PLACEMENTS:
+        raise ValueError(f"defects_at must be one of {PLACEMENTS}, got {config.defects_at!r}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; the photo benchmark is written to a new folder")

@@ -170,13 +170,20 @@ def _blob(rng: np.random.Generator, size: int, scale: tuple[float, float]) -> np
 
 
 def bent_line(
-    rng: np.random.Generator, size: int, length: tuple[float, float], bend: float, density: int
+    rng: np.random.Generator,
+    size: int,
+    length: tuple[float, float],
+    bend: float,
+    density: int,
+    start: np.ndarray | None = None,
+    direction: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Points (x, y) in image-width units (float arrays of ``density * size``) along a slightly bent
     line: a random start in [0.15, 0.85]^2, direction, length drawn from ``length`` and a sine bend
-    of amplitude up to ``bend``. Draws from ``rng`` in that order."""
-    start = rng.uniform(0.15, 0.85, 2)
-    direction = rng.uniform(0, 2 * np.pi)
+    of amplitude up to ``bend``. Draws from ``rng`` in that order; a ``start`` (x, y) or a
+    ``direction`` (radians) given is used instead of its draw."""
+    start = rng.uniform(0.15, 0.85, 2) if start is None else start
+    direction = rng.uniform(0, 2 * np.pi) if direction is None else direction
     extent = rng.uniform(*length)
     t = np.linspace(0, 1, density * size)
     offset = rng.uniform(-bend, bend) * np.sin(np.pi * t)

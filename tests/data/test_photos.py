@@ -5,7 +5,17 @@ import pytest
 from PIL import Image
 
 from cdd_ray.cli import main
-from cdd_ray.data.photos import DEFECTS, PHOTOS, PhotoBenchmarkConfig, draw_defect, load_photo, normal_crop
+from cdd_ray.data.photos import (
+    DEFECTS,
+    MIN_EDGE_AREA,
+    PHOTOS,
+    PLACEMENTS,
+    PhotoBenchmarkConfig,
+    draw_defect,
+    load_photo,
+    normal_crop,
+    write_photo_benchmark,
+)
 from cdd_ray.data.prepare import prepare
 
 SMALL = PhotoBenchmarkConfig(image_size=32, train_normal=4, test_normal=2, test_anomalous=8)
@@ -18,12 +28,13 @@ def test_the_reserved_photographs_are_refused():
     assert not {p.name for p in PHOTOS.values()} & {"brick", "grass", "gravel"}
 
 
+@pytest.mark.parametrize("at", PLACEMENTS)
 @pytest.mark.parametrize("defect", DEFECTS)
-def test_each_defect_changes_exactly_its_mask_and_visibly(defect):
+def test_each_defect_changes_exactly_its_mask_and_visibly(defect, at):
     rng = np.random.default_rng(3)
     image = normal_crop(load_photo("moon"), PHOTOS["lunar"], rng, 64)
     foreign = np.random.default_rng(4).random((128, 128, 3))
-    out, mask = draw_defect(defect, rng, image, foreign)
+    out, mask = draw_defect(defect, rng, image, foreign, at)
     changed = np.abs(out - image).max(axis=2) > 0
     assert mask.any() and not (changed & ~mask).any()  # nothing outside the mask moved
     assert np.abs(out - image)[mask].mean() >= 0.06
@@ -52,3 +63,58 @@ def test_the_tree_prepares_through_the_mvtec_reader_and_is_deterministic(tmp_pat
     assert (base / "test" / "hole" / "002.png").read_bytes() == same.read_bytes()
     with pytest.raises(FileExistsError):
         write_photo_benchmark(tmp_path / "again", SMALL)
+
+
+def share_in_border_band(mask: np.ndarray, band: float = 0.125) -> float:
+    """The share of a mask's pixels within ``band`` of the side from the image's border."""
+    size = mask.shape[0]
+    rows, cols = np.mgrid[0:size, 0:size]
+    distance = np.minimum(np.minimum(rows, cols), np.minimum(size - 1 - rows, size - 1 - cols))
+    return float((mask & (distance < band * size)).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_edge_defects_lie_next_to_a_side_and_middle_ones_do_not(defect):
+    photo = load_photo("moon")
+    foreign = np.random.default_rng(4).random((128, 128, 3))
+    shares = {}
+    for at in PLACEMENTS:
+        rng = np.random.default_rng(11)
+        masks = [
+            draw_defect(defect, rng, normal_crop(photo, PHOTOS["lunar"], rng, 64), foreign, at)[1]
+            for _ in range(12)
+        ]
+        shares[at] = np.mean([share_in_border_band(m) for m in masks])
+        if at == "edge":
+            assert min(m.mean() for m in masks) >= MIN_EDGE_AREA  # no sliver of a blob mostly outside
+            nearest = {
+                int(np.argmax([m[:, :8].sum(), m[:, -8:].sum(), m[:8].sum(), m[-8:].sum()])) for m in masks
+            }
+            assert len(nearest) >= 3, nearest  # the sides are drawn, not one favoured
+    assert shares["edge"] >= 0.6, shares  # measured at 128 px: 0.81-0.91 in the outer 16 px
+    assert shares["middle"] <= 0.4, shares  # measured at 128 px: 0-0.01 for blobs, 0.20 for scratches
+
+
+def test_an_edge_tree_has_the_same_normal_images_and_a_bad_placement_is_refused(tmp_path, capsys):
+    config = PhotoBenchmarkConfig(
+        image_size=32, train_normal=2, test_normal=2, test_anomalous=4, categories=("lunar",)
+    )
+    write_photo_benchmark(tmp_path / "middle", config)
+    args = ["photo-benchmark", "--out", str(tmp_path / "edge"), "--category", "lunar", "--image-size", "32"]
+    assert main([*args, "--defects-at", "edge"]) == 0
+    for split in ("train/good/000.png", "test/good/001.png"):
+        assert (tmp_path / "middle/lunar" / split).read_bytes() == (
+            tmp_path / "edge/lunar" / split
+        ).read_bytes()
+    masks = sorted((tmp_path / "edge/lunar/ground_truth").glob("*/*.png"))
+    assert len(masks) == 80  # the command's default count
+    assert np.mean([share_in_border_band(np.asarray(Image.open(m)) > 0) for m in masks]) >= 0.6
+    with pytest.raises(ValueError, match="defects_at must be one of"):
+        write_photo_benchmark(tmp_path / "corner", PhotoBenchmarkConfig(defects_at="corner"))
+    assert not (tmp_path / "corner").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "edge",
+        "middle",
+    ]
+    with pytest.raises(SystemExit):
+        main(["photo-benchmark", "--out", str(tmp_path / "x"), "--defects-at", "corner"])
+    assert "invalid choice" in capsys.readouterr().err
