@@ -159,6 +159,8 @@ def run(args) -> None:
     # Default folders per image size and training-set size.
     suffix = ("" if args.size == 128 else str(args.size)) + train_suffix(args).replace("|", "-")
     suffix += "" if args.defects_at == "middle" else f"-{args.defects_at}"
+    if args.tree and args.defects_at != "middle":  # nothing in a tree tells where its defects lie
+        raise SystemExit(f"--defects-at {args.defects_at} writes and reads its own tree: leave out --tree")
     tree = Path(args.tree or f"bench_out/photos_tree{suffix}")
     if not tree.exists():
         write_photo_benchmark(
@@ -276,6 +278,9 @@ def report(
     if len({row.get("train_normal", TRAIN_NORMAL) for row in rows}) > 1:
         for row in rows:
             row["method"] += f"/n{row.get('train_normal', TRAIN_NORMAL)}"
+    if len({row.get("defects_at", "middle") for row in rows}) > 1:  # the edge tree is another benchmark
+        for row in rows:
+            row["method"] += f"/{row.get('defects_at', 'middle')}"
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["noise"], row["method"]), []).append(row)

@@ -25,10 +25,11 @@ on average.
 Where defects lie (``defects_at``, one of ``PLACEMENTS``): ``middle`` (the default, the benchmark
 every figure in BENCHMARKS.md uses unless it says otherwise): a blob's centre and a scratch's start
 in the middle 60 % (70 % for scratches) of each side; ``edge``: next to a side of the image, drawn
-uniformly among the four, a blob's centre ``EDGE_BAND`` (2-12 %) of the side away from it and a
-scratch running along it (within 25 degrees), so that most of every defect lies in the band where
-a student's zero padding acts (BENCHMARKS.md "Where RD's false alarms sit"). The normal images are
-the same in both.
+uniformly among the four, a blob's centre or a scratch's start ``EDGE_BAND`` (2-12 %) of the side
+away from it, a scratch running along it (within 25 degrees). At 128 px that puts on average
+0.8-0.9 of a defect's pixels within 16 px of the border and 0.4-0.6 within 8 px, the band where a
+student's zero padding acts (BENCHMARKS.md "Where RD's false alarms sit"); a scratch that starts
+near a corner can run inwards. The normal images are the same in both.
 
 Deterministic: every crop has its own RNG seeded by (seed, category, split, index).
 
@@ -71,7 +72,7 @@ FOREIGN_PHOTO = "coffee"
 RESERVED = ("brick", "grass", "gravel")  # the independent check's photographs: never used here
 SPLIT_CODES = {"train": 0, "test": 1}
 PLACEMENTS = ("middle", "edge")
-EDGE_BAND = (0.02, 0.12)  # edge: a blob centre's distance from its side, as a share of the side
+EDGE_BAND = (0.02, 0.12)  # edge: a blob centre's or scratch start's distance from its side (share)
 
 
 def edge_point(rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -220,9 +221,10 @@ def _foreign(
 DRAW = {"scratch": _scratch, "stain": _stain, "hole": _hole, "foreign": _foreign}
 MIN_CHANGE = 0.06  # mean absolute change inside the mask (of 1), so that no defect is invisible
 ATTEMPTS = 20
-# edge: a defect whose mask covers less of the image than this (a blob mostly outside it) is drawn
-# again; the middle placement's smallest masks cover about twice as much
-MIN_EDGE_AREA = 0.001
+# edge: a defect whose mask has fewer pixels than this share of the image's side (a blob mostly
+# outside it) is drawn again: 16.4 pixels at 128 px. In pixels per side, not a share of the area,
+# so that a scratch (a line: its area grows with the side, not its square) passes at every size.
+MIN_EDGE_PIXELS_PER_SIDE = 0.128
 
 
 def draw_defect(
@@ -232,19 +234,21 @@ def draw_defect(
     (one of PLACEMENTS) says where the defect lies (module docstring).
 
     A draw that changes the masked pixels by less than ``MIN_CHANGE`` on average (a dark hole on a
-    dark sky), or at the edge covers less than ``MIN_EDGE_AREA`` of the image, is drawn again;
-    raises RuntimeError after ``ATTEMPTS`` draws, ValueError for an unknown defect or placement."""
+    dark sky), or at the edge has fewer than ``MIN_EDGE_PIXELS_PER_SIDE`` x S pixels, is drawn
+    again; raises RuntimeError after ``ATTEMPTS`` draws, ValueError for an unknown defect or
+    placement."""
     if defect not in DRAW:
         raise ValueError(f"unknown defect {defect!r}; choose from {DEFECTS}")
     if at not in PLACEMENTS:
-        raise ValueError(f"unknown defect placement {at!r}; choose from {PLACEMENTS}")
+        raise ValueError(f"defects_at must be one of {PLACEMENTS}, got {at!r}")
     for _ in range(ATTEMPTS):
         out, mask = DRAW[defect](rng, image, foreign, at)
         out = np.clip(out, 0.0, 1.0)
-        large_enough = at != "edge" or mask.mean() >= MIN_EDGE_AREA
+        large_enough = at != "edge" or mask.sum() >= MIN_EDGE_PIXELS_PER_SIDE * mask.shape[0]
         if mask.any() and large_enough and np.abs(out - image)[mask].mean() >= MIN_CHANGE:
             return out, mask
-    raise RuntimeError(f"no visible {defect} after {ATTEMPTS} draws")
+    reasons = "a visible change" + (" and enough pixels inside the image" if at == "edge" else "")
+    raise RuntimeError(f"no {defect} with {reasons} after {ATTEMPTS} draws (defects_at={at!r})")
 
 
 def _quantize(pixels: np.ndarray) -> np.ndarray:
