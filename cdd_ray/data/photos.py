@@ -166,13 +166,12 @@ def _scratch(
     rng: np.random.Generator, image: np.ndarray, _: np.ndarray, at: str
 ) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
+    start = direction = None  # middle: bent_line draws both
     if at == "edge":  # along the side: 0 or pi (left/right sides: +-pi/2), within 25 degrees
         start, side = edge_point(rng)
         direction = (np.pi / 2 if side < 2 else 0.0) + np.pi * int(rng.integers(2))
         direction += rng.uniform(-1, 1) * np.radians(25)
-        px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6, start=start, direction=direction)
-    else:
-        px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6)
+    px, py = bent_line(rng, size, (0.2, 0.45), 0.08, 6, start=start, direction=direction)
     inside = (px >= 0) & (px < 1) & (py >= 0) & (py < 1)
     mask = np.zeros((size, size), bool)
     mask[(py[inside] * size).astype(int), (px[inside] * size).astype(int)] = True
