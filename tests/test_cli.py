@@ -3,6 +3,8 @@ import json
 import pandas as pd
 
 from cdd_ray.cli import main
+from cdd_ray.demo import demo_spec
+from cdd_ray.tune.grid import source_key
 
 
 def test_bad_override_exits_non_zero_with_the_key(capsys):
@@ -48,7 +50,9 @@ def test_demo_quick_runs_a_grid_of_four_methods_with_reports_and_a_summary(ray_s
         assert all(0 <= value <= 1 for value in result[method].values())
     grid = tmp_path / "demo"
     assert json.loads((grid / "grid.json").read_text()) == {"cells": 8, "errors": 0}
-    stores = sorted(p.name for p in (grid / "stores").iterdir())
+    data = grid / "data" / source_key(demo_spec(tmp_path, quick=True))
+    assert json.loads((data / "source.json").read_text())["source"]["image_size"] == 64
+    stores = sorted(p.name for p in (data / "stores").iterdir())
     assert stores == ["noise0-overlap1-seed0", "noise0.2-overlap1-seed0"]
     summary = pd.read_parquet(grid / "summary.parquet")
     assert len(summary) == 8 and summary["image_auroc_count"].eq(1).all()

@@ -1,6 +1,7 @@
 """``cdd-ray grid``: the FUAD benchmark grid, category x noise ratio x overlap x seed x method.
 
-Every (noise, overlap, seed) cell gets its own prepared store (the contamination protocol is seeded);
+Every (noise, overlap, seed) cell gets its own prepared store (the contamination protocol is seeded),
+kept under ``data/<source_key>`` so that a grid file edited to another source never reuses old ones;
 every grid point is one Tune trial (a whole cdd-ray run), run concurrently as resources allow. The
 summary holds mean and standard deviation over seeds per (category, noise, overlap, method), as
 Parquet and as a Markdown table in the format of a paper's table, with RD on clean data as the
@@ -24,6 +25,7 @@ A grid file::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -76,26 +78,56 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
     return GridSpec(**values)
 
 
-def _store_dir(grid_dir: Path, noise: float, overlap: bool, seed: int) -> Path:
-    return grid_dir / "stores" / f"noise{noise:g}-overlap{int(overlap)}-seed{seed}"
+def source_key(spec: GridSpec) -> str:
+    """A 10-hex-digit key of what a grid's prepared data depend on: its ``source`` and ``categories``.
+
+    Noise ratio, overlap and seed are in each store's own folder name; everything else that changes the
+    written images or stores (image size, defect placement, defect types, an MVTec root, the category
+    list) changes this key, so that an edited grid file never reuses data prepared for another one.
+    """
+    return hashlib.sha1(json.dumps(_source_record(spec), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _source_record(spec: GridSpec) -> dict:
+    source = dict(spec.source)
+    if source.get("root") is not None:  # the same relative root from another folder is other data
+        source["root"] = str(Path(source["root"]).resolve())
+    return json.loads(json.dumps({"source": source, "categories": list(spec.categories)}, default=str))
+
+
+def data_dir(spec: GridSpec, grid_dir: Path) -> Path:
+    """``<grid>/data/<source_key>``: one source's stores (and its photo tree, for ``kind: photos``)."""
+    return grid_dir / "data" / source_key(spec)
+
+
+def _store_dir(data: Path, noise: float, overlap: bool, seed: int) -> Path:
+    return data / "stores" / f"noise{noise:g}-overlap{int(overlap)}-seed{seed}"
 
 
 def prepare_stores(spec: GridSpec, grid_dir: Path, console: Console) -> dict[tuple, Path]:
-    """One store per (noise, overlap, seed); an existing one is reused."""
+    """One store per (noise, overlap, seed) under ``data_dir``; a complete one is reused.
+
+    ``source.json`` beside them records the source settings and categories they were prepared from
+    (written first, so an interrupted preparation is completed by the next run of the same grid).
+    """
     source = dict(spec.source)
     kind = source.pop("kind")
     root = source.pop("root", None)
     defect_types = source.pop("defect_types", ())
     synthetic = SyntheticConfig(**source) if kind == "synthetic" else None
+    data = data_dir(spec, grid_dir)
+    if not (data / "source.json").is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        write_atomic(data / "source.json", json.dumps(_source_record(spec), indent=2) + "\n")
     if kind == "photos":  # the photo benchmark, written once as an MVTec tree, read like a user's data
-        root = grid_dir / "photos_tree"
+        root = data / "photos_tree"
         if not root.exists():
             console.print(f"writing the photo benchmark to {root}")
             write_photo_benchmark(root, PhotoBenchmarkConfig(categories=tuple(spec.categories), **source))
         kind = "mvtec"
     stores = {}
     for noise, overlap, seed in itertools.product(spec.noise_ratios, spec.overlap, spec.seeds):
-        out = _store_dir(grid_dir, noise, overlap, seed)
+        out = _store_dir(data, noise, overlap, seed)
         if not (out / STORE_FILE).is_file():
             console.print(f"preparing {out.name}")
             prepare(

@@ -6,9 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
+from rich.console import Console
 
 from cdd_ray.config import ConfigError
-from cdd_ray.tune.grid import load_grid, markdown_table, summarize_grid
+from cdd_ray.tune.grid import GridSpec, load_grid, markdown_table, prepare_stores, source_key, summarize_grid
 from cdd_ray.tune.spec import load_sweep
 from cdd_ray.tune.sweep import run_sweep
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
@@ -89,6 +91,31 @@ def test_sweep_runs_two_trials_at_once_and_resume_finishes_only_the_missing_one(
     assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 3
     assert len(pd.read_csv(sweep_dir / "trials.csv")) == 3
     assert resumed["best"]["proxy_loss"] == trials["proxy_loss"].min()
+
+
+def test_grid_data_are_keyed_by_source_so_an_edited_grid_file_never_reuses_old_stores(tmp_path):
+    tiny = {"kind": "photos", "train_normal": 4, "test_normal": 2, "test_anomalous": 2}
+    spec = GridSpec(name="g", categories=["lunar"], noise_ratios=[0.0], seeds=[0], methods={"rd": []})
+    small = GridSpec(**{**spec.__dict__, "source": {**tiny, "image_size": 32}})
+    large = GridSpec(**{**spec.__dict__, "source": {**tiny, "image_size": 48}})
+    edge = GridSpec(**{**spec.__dict__, "source": {**tiny, "image_size": 32, "defects_at": "edge"}})
+    keys = {source_key(s) for s in (small, large, edge)}
+    assert len(keys) == 3
+    assert source_key(GridSpec(**{**small.__dict__, "categories": ["lunar", "retina"]})) not in keys
+    other_cells = GridSpec(**{**small.__dict__, "seeds": [5], "noise_ratios": [0.4]})
+    assert source_key(other_cells) == source_key(small)
+    console = Console(record=True, width=200)
+    for grid in (small, large):
+        (store,) = prepare_stores(grid, tmp_path, console).values()
+        data = tmp_path / "data" / source_key(grid)
+        assert store.parent.parent == data
+        record = json.loads((data / "source.json").read_text())
+        assert record == {"source": grid.source, "categories": ["lunar"]}
+        image = next((data / "photos_tree" / "lunar" / "train" / "good").glob("*.png"))
+        assert Image.open(image).size == (grid.source["image_size"],) * 2
+    console.export_text()
+    prepare_stores(small, tmp_path, console)  # the same grid again: tree and store reused, nothing written
+    assert console.export_text() == ""
 
 
 def test_markdown_table_puts_the_clean_reference_first():
