@@ -204,6 +204,17 @@ def run(args) -> None:
         )
 
 
+# how a row's setting is appended to its method's name when the files read differ in that setting;
+# rows written before a setting was recorded carry its default
+METHOD_SUFFIXES = (
+    lambda row: f"@{row['size']}/{row['teacher'].removeprefix('tf_efficientnet_')}",
+    lambda row: f"/{row.get('device', 'cpu')}",  # GPU runs are not bit-equal to CPU runs
+    lambda row: f"/n{row.get('train_normal', TRAIN_NORMAL)}",
+    lambda row: f"/{row.get('defects_at', 'middle')}",  # the edge tree is another benchmark
+    lambda row: f"/e{row.get('epochs', 20)}",
+)
+
+
 def stability_table(groups: dict, order: list, categories: list[str], metric: str) -> None:
     """The stability goal of issue 13, per (setting, noise, method): the largest drop of one run below
     its category's median over seeds (goal <= 0.05) and the largest per-category std (goal <= 0.02)."""
@@ -269,18 +280,10 @@ def report(
     rows = [row for row in rows if seeds is None or row["seed"] in seeds]
     rows = [row for row in rows if noise is None or any(abs(row["noise"] - n) < 1e-9 for n in noise)]
     rows = [row for row in rows if settings is None or row["noise"] == 0 or row["setting"] in settings]
-    if len({(row["size"], row["teacher"]) for row in rows}) > 1:  # files of several sizes or teachers
-        for row in rows:
-            row["method"] += f"@{row['size']}/{row['teacher'].removeprefix('tf_efficientnet_')}"
-    if len({row.get("device", "cpu") for row in rows}) > 1:  # GPU runs are not bit-equal to CPU runs
-        for row in rows:
-            row["method"] += f"/{row.get('device', 'cpu')}"
-    if len({row.get("train_normal", TRAIN_NORMAL) for row in rows}) > 1:
-        for row in rows:
-            row["method"] += f"/n{row.get('train_normal', TRAIN_NORMAL)}"
-    if len({row.get("defects_at", "middle") for row in rows}) > 1:  # the edge tree is another benchmark
-        for row in rows:
-            row["method"] += f"/{row.get('defects_at', 'middle')}"
+    for suffix in METHOD_SUFFIXES:
+        if len({suffix(row) for row in rows}) > 1:
+            for row in rows:
+                row["method"] += suffix(row)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["noise"], row["method"]), []).append(row)
