@@ -34,7 +34,7 @@ from PIL import Image
 from quality_grid import mean_std  # bench/ is on sys.path when run as a script
 from synthetic_quality import load
 
-from cdd_ray.config import load_config, method_label
+from cdd_ray.config import TrainConfig, load_config, method_label
 from cdd_ray.data.photos import CATEGORIES, PLACEMENTS, PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import SAMPLES_FILE
@@ -211,7 +211,7 @@ METHOD_SUFFIXES = (
     lambda row: f"/{row.get('device', 'cpu')}",  # GPU runs are not bit-equal to CPU runs
     lambda row: f"/n{row.get('train_normal', TRAIN_NORMAL)}",
     lambda row: f"/{row.get('defects_at', 'middle')}",  # the edge tree is another benchmark
-    lambda row: f"/e{row.get('epochs', 20)}",
+    lambda row: "" if row.get("label") in ("patchcore", "softpatch") else f"/e{row.get('epochs', 20)}",
 )
 
 
@@ -323,19 +323,34 @@ def report(
         if reference not in methods:
             print(f"\n--reference {reference}: no such method in these files (methods: {', '.join(methods)})")
             continue
-        print(f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std\n")
-        print("| setting | noise | method | cells | difference | worst |\n|---|---:|---|---:|---:|---:|")
+        print(
+            f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std "
+            "over cells; per seed: over the seeds whose categories both methods have all\n"
+        )
+        print(
+            "| setting | noise | method | cells | difference | worst | seeds | per seed |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|"
+        )
         for setting, noise, method in order:
             if method == reference:
                 continue
-            diffs = [
-                row[metric] - by_cell[(s, n, c, seed, reference)][metric]
+            diffs = {
+                (c, seed): row[metric] - by_cell[(s, n, c, seed, reference)][metric]
                 for (s, n, c, seed, m), row in by_cell.items()
                 if (s, n, m) == (setting, noise, method) and (s, n, c, seed, reference) in by_cell
+            }
+            if not diffs:
+                continue
+            complete = [  # seeds with every category of the files in both methods
+                seed
+                for seed in sorted({seed for _, seed in diffs})
+                if all((c, seed) in diffs for c in categories)
             ]
-            if diffs:
-                difference = f"{mean_std(diffs, True)} | {min(diffs):+.3f}"
-                print(f"| {setting} | {noise:g} | {method} | {len(diffs)} | {difference} |")
+            per_seed = [np.mean([diffs[(c, seed)] for c in categories]) for seed in complete]
+            seed_text = mean_std(per_seed, True) if len(per_seed) > 1 else "-"
+            values = list(diffs.values())
+            difference = f"{mean_std(values, True)} | {min(values):+.3f} | {len(per_seed)} | {seed_text}"
+            print(f"| {setting} | {noise:g} | {method} | {len(diffs)} | {difference} |")
 
 
 def main() -> None:
@@ -356,7 +371,12 @@ def main() -> None:
         "(default: each seed draws its own; use its own --out file)",
     )
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=TrainConfig().epochs,
+        help=f"default: the shipped train.epochs, {TrainConfig().epochs} (20 before 2026-12-01, late)",
+    )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--teacher", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="pypi-efficientnet-lite0")
