@@ -281,7 +281,7 @@ def report(
     rows = [row for row in rows if noise is None or any(abs(row["noise"] - n) < 1e-9 for n in noise)]
     rows = [row for row in rows if settings is None or row["noise"] == 0 or row["setting"] in settings]
     for suffix in METHOD_SUFFIXES:
-        if len({suffix(row) for row in rows}) > 1:
+        if len({suffix(row) for row in rows} - {""}) > 1:  # "": a setting that does not apply to the row
             for row in rows:
                 row["method"] += suffix(row)
     groups: dict[tuple, list[dict]] = {}
@@ -325,7 +325,7 @@ def report(
             continue
         print(
             f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std "
-            "over cells; per seed: over the seeds whose categories both methods have all\n"
+            "over cells; per seed: the mean over categories, over the seeds that have every paired category\n"
         )
         print(
             "| setting | noise | method | cells | difference | worst | seeds | per seed |\n"
@@ -341,12 +341,10 @@ def report(
             }
             if not diffs:
                 continue
-            complete = [  # seeds with every category of the files in both methods
-                seed
-                for seed in sorted({seed for _, seed in diffs})
-                if all((c, seed) in diffs for c in categories)
-            ]
-            per_seed = [np.mean([diffs[(c, seed)] for c in categories]) for seed in complete]
+            paired = sorted({c for c, _ in diffs})  # a seed counts when it has every one of them
+            seeds_ = sorted({seed for _, seed in diffs})
+            complete = [seed for seed in seeds_ if all((c, seed) in diffs for c in paired)]
+            per_seed = [np.mean([diffs[(c, seed)] for c in paired]) for seed in complete]
             seed_text = mean_std(per_seed, True) if len(per_seed) > 1 else "-"
             values = list(diffs.values())
             difference = f"{mean_std(values, True)} | {min(values):+.3f} | {len(per_seed)} | {seed_text}"

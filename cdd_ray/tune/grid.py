@@ -81,9 +81,12 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
 def source_key(spec: GridSpec) -> str:
     """A 10-hex-digit key of what a grid's prepared data depend on: its ``source`` and ``categories``.
 
-    Noise ratio, overlap and seed are in each store's own folder name; everything else that changes the
-    written images or stores (image size, defect placement, defect types, an MVTec root, the category
-    list) changes this key, so that an edited grid file never reuses data prepared for another one.
+    Noise ratio, overlap and seed are in each store's own folder name; the settings the grid file
+    spells out (image size, defect placement, defect types, an MVTec root resolved against the working
+    directory, the category list and its order) are in the key, so that an edited grid file never
+    reuses data prepared for another one. Settings left to their defaults are not: spelling a default
+    out prepares the same data again under another key, and a change of the defaults in code (or of
+    how data are written) is not seen by a grid folder prepared before it.
     """
     return hashlib.sha1(json.dumps(_source_record(spec), sort_keys=True).encode()).hexdigest()[:10]
 
@@ -201,9 +204,18 @@ def run_grid(
     spec: GridSpec, resume: bool = False, console: Console | None = None, print_table: bool = True
 ) -> dict:
     console = console or Console()
+    grid_dir = Path(spec.storage_path).resolve() / spec.name
+    if resume and not (data_dir(spec, grid_dir) / "source.json").is_file():
+        # restored trials keep the data paths they were started with; refuse to pair them with a
+        # grid file whose source (or category list) is not the one they ran on
+        raise ConfigError(
+            f"{grid_dir}: no data prepared for this grid file's source and categories "
+            f"(data/{source_key(spec)} is missing): the grid was started with another source, or "
+            "before grid data were keyed by source; --resume continues a grid only with the grid file it "
+            "started with. Run it without --resume under a new name or storage_path."
+        )
     ensure_ray()
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
-    grid_dir = Path(spec.storage_path).resolve() / spec.name
     console.print(f"grid directory: {grid_dir}")
     stores = prepare_stores(spec, grid_dir, console)
     cells = grid_cells(spec, stores)

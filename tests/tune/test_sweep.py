@@ -10,7 +10,15 @@ from PIL import Image
 from rich.console import Console
 
 from cdd_ray.config import ConfigError
-from cdd_ray.tune.grid import GridSpec, load_grid, markdown_table, prepare_stores, source_key, summarize_grid
+from cdd_ray.tune.grid import (
+    GridSpec,
+    load_grid,
+    markdown_table,
+    prepare_stores,
+    run_grid,
+    source_key,
+    summarize_grid,
+)
 from cdd_ray.tune.spec import load_sweep
 from cdd_ray.tune.sweep import run_sweep
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
@@ -116,6 +124,12 @@ def test_grid_data_are_keyed_by_source_so_an_edited_grid_file_never_reuses_old_s
     console.export_text()
     prepare_stores(small, tmp_path, console)  # the same grid again: tree and store reused, nothing written
     assert console.export_text() == ""
+    # --resume keeps the data paths the trials started with: a grid file edited to another source is refused
+    # before Ray starts (nothing is prepared for it)
+    edge_at = GridSpec(**{**edge.__dict__, "storage_path": str(tmp_path.parent), "name": tmp_path.name})
+    with pytest.raises(ConfigError, match=rf"data/{source_key(edge)} is missing.*--resume"):
+        run_grid(edge_at, resume=True, console=console)
+    assert not (tmp_path / "data" / source_key(edge)).exists()
 
 
 def test_markdown_table_puts_the_clean_reference_first():
