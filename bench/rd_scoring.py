@@ -2,7 +2,8 @@
 
 Each cell (category, seed) trains one detector on the photo benchmark (``bench/photo_quality.py``'s
 stores and ``fit_detector``, the shipped defaults but ``train.epochs`` pinned at 20, the default of
-its day) and scores the test set with several anomaly-map variants, side by side, so differences come from the scoring alone:
+its day) and scores the test set with several anomaly-map variants, side by side, so differences
+come from the scoring alone:
 
 - ``levels``: which teacher levels enter the map (RD4AD sums all three; PatchCore's features use
   levels 2 and 3 only);
