@@ -75,6 +75,12 @@ PLACEMENTS = ("middle", "edge")
 EDGE_BAND = (0.02, 0.12)  # edge: a blob centre's or scratch start's distance from its side (share)
 
 
+def check_placement(at: str) -> None:
+    """Raises ValueError naming ``defects_at`` unless ``at`` is one of PLACEMENTS."""
+    if at not in PLACEMENTS:
+        raise ValueError(f"defects_at must be one of {PLACEMENTS}, got {at!r}")
+
+
 def edge_point(rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """(x, y) in image-width units next to a side drawn uniformly (0 left, 1 right, 2 top, 3
     bottom): ``EDGE_BAND`` away from it, uniform in [0.05, 0.95] along it; and that side."""
@@ -238,8 +244,7 @@ def draw_defect(
     placement."""
     if defect not in DRAW:
         raise ValueError(f"unknown defect {defect!r}; choose from {DEFECTS}")
-    if at not in PLACEMENTS:
-        raise ValueError(f"defects_at must be one of {PLACEMENTS}, got {at!r}")
+    check_placement(at)
     for _ in range(ATTEMPTS):
         out, mask = DRAW[defect](rng, image, foreign, at)
         out = np.clip(out, 0.0, 1.0)
@@ -293,8 +298,7 @@ def write_photo_benchmark(out: Path, config: PhotoBenchmarkConfig | None = None)
     unknown = sorted(set(config.categories) - set(CATEGORIES))
     if unknown:
         raise ValueError(f"unknown photo categories {unknown}; choose from {CATEGORIES}")
-    if config.defects_at not in PLACEMENTS:
-        raise ValueError(f"defects_at must be one of {PLACEMENTS}, got {config.defects_at!r}")
+    check_placement(config.defects_at)  # before anything is written
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; the photo benchmark is written to a new folder")
