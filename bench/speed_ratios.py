@@ -2,7 +2,8 @@
 offline-pretrained tf_efficientnet_lite0 teacher):
 
 1. Teacher feature cache: in-process training images/s with and without ``train.teacher_cache``
-   (RD and CDD K=2), alternating rounds.
+   (RD and CDD K=2), alternating rounds; 1b. the pseudo-normal target cache of CDD K=2 under the
+   ``sequential`` schedule, on and off, alternating rounds.
 2. Concurrency: CDD K=2 on 2 Ray Train workers (one domain student each, DDP global student) against
    the same work on 1 worker; wall time of the training epochs (sum of epoch_time_s) and of the whole
    fit (start-up included).
@@ -69,6 +70,31 @@ def cache_ratio(store: Path, epochs: int, rounds: int) -> None:
         )
 
 
+def target_cache_ratio(store: Path, epochs: int, rounds: int) -> None:
+    """CDD K=2, ``sequential`` (the shipped schedule), teacher cache on: the pseudo-normal targets
+    computed by the frozen domain students at every aggregation step, or once (``TargetCache``)."""
+    teacher = build_teacher(TeacherConfig())
+    images = load(store, "weave", "train", 128)["images"]
+    spec = student_spec(teacher.channels, teacher.reductions, "tf_efficientnet_lite0")
+    domains = torch.as_tensor(np.arange(len(images)) % 2)
+    print(f"\n1b. target cache, CDD K=2 sequential, {len(images)} images, {epochs} epochs of each stage")
+    print("| targets | images/s (median of rounds) | rounds |\n|---|---:|---|")
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for cached in (False, True):
+            engine = CDDEngine.create(teacher, spec, 2, ObjectiveConfig(), OptimConfig(), seed=0)
+            started = time.perf_counter()
+            fit_in_process(
+                engine, images, domains, epochs, 16, 0, True, schedule="sequential", cache_targets=cached
+            )
+            rates[cached].append(epochs * len(images) / (time.perf_counter() - started))
+    for cached in (False, True):
+        values = ", ".join(f"{v:.1f}" for v in rates[cached])
+        label = "cached" if cached else "every step"
+        print(f"| {label} | {statistics.median(rates[cached]):.1f} | {values} |")
+    print(f"target cache speed-up {statistics.median(rates[True]) / statistics.median(rates[False]):.2f}x")
+
+
 def concurrency_ratio(store: Path, work: Path, epochs: int) -> None:
     from cdd_ray.ray_session import ensure_ray
     from cdd_ray.train.run import PROGRESS_FILE, evaluate, train
@@ -128,6 +154,7 @@ def main() -> None:
     prepare("synthetic", None, work / "store", ["weave"], noise_ratio=0.1)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     cache_ratio(work / "store", args.epochs, args.rounds)
+    target_cache_ratio(work / "store", args.epochs, args.rounds)
     inference_in_process(work / "store")
     if not args.skip_ray:
         concurrency_ratio(work / "store", work, args.epochs)

@@ -65,7 +65,9 @@ class TrainConfig:
     batch_size: int = 16
     schedule: str = "sequential"  # measured better than alternate (BENCHMARKS.md, follow-up grid)
     teacher_cache: bool = True
-    teacher_cache_mb: float = 2048.0  # per worker; above it the features are computed per step
+    # per worker; above it the features are computed per step (K > 1, sequential: the pseudo-normal
+    # targets are cached too when twice the features fit)
+    teacher_cache_mb: float = 2048.0
     checkpoint_every: int = 1
     seed: int = 0
 

@@ -126,6 +126,47 @@ def _checked(loss: torch.Tensor, where: str) -> torch.Tensor:
     return loss
 
 
+class TargetCache:
+    """The pseudo-normal targets of a process's training rows, kept once computed.
+
+    Valid while the domain students stay frozen: under the ``sequential`` schedule every DST epoch
+    runs before the first aggregation epoch, so the first aggregation epoch fills the cache and the
+    later ones read it instead of running the K domain students again (one forward pass each per
+    step saved). A row's targets are those of the batch it was first computed in; the same
+    computation in another batch of the same size gives the same numbers on CPU (a batch of another
+    size may differ in the last bits). Memory: as much as the teacher-feature cache of those rows.
+
+    ``rows``: how many rows the positions index (positions lie in [0, rows)).
+    """
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.store: Features | None = None
+        self.filled = torch.zeros(rows, dtype=torch.bool)
+
+    def get(self, positions: torch.Tensor) -> Features | None:
+        """Targets of the rows at ``positions`` (B,), or None unless every one of them is filled."""
+        if self.store is None or not bool(self.filled[positions.cpu()].all()):
+            return None
+        index = positions.to(self.store[0].device)
+        return [level[index] for level in self.store]
+
+    def put(self, positions: torch.Tensor, targets: Features) -> None:
+        """Keep ``targets`` (per level (B, C, H, W)) for the rows at ``positions`` (B,)."""
+        if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= self.rows):
+            raise ValueError(f"target cache positions must lie in [0, {self.rows})")
+        if self.store is None:
+            self.store = [level.new_empty((self.rows, *level.shape[1:])) for level in targets]
+        index = positions.to(self.store[0].device)
+        for store, level in zip(self.store, targets, strict=True):
+            store[index] = level
+        self.filled[positions.cpu()] = True
+
+    def clear(self) -> None:
+        self.store = None
+        self.filled.zero_()
+
+
 class CDDEngine:
     """Holds the teacher, the global student and the domain students this process trains."""
 
@@ -151,6 +192,8 @@ class CDDEngine:
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
         self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
         self.gate_thresholds: list[float] | None = None  # the relative gate's running quantiles
+        # Set by the training loops under the sequential schedule (``TargetCache``); a DST step clears it.
+        self.target_cache: TargetCache | None = None
         self._augmentation_seed = seed + 104729
         self._augmentation_generator: torch.Generator | None = None
 
@@ -251,6 +294,8 @@ class CDDEngine:
         (0..1): how far this student's training has come, for the learning-rate schedule."""
         student = self.domain_students[domain]
         student.train()
+        if self.target_cache is not None:  # targets computed before this step are stale
+            self.target_cache.clear()
         images, feats = self.training_pair(images, teacher_feats)
         output = student(self.student_input(feats, images))
         loss = rd_loss(output, feats, self.objective.loss_form, hard_share=self.objective.hard_share)
@@ -275,13 +320,23 @@ class CDDEngine:
         all_domain_students: Sequence[nn.Module] | None = None,
         teacher_feats: Features | None = None,
         progress: float = 0.0,
+        positions: torch.Tensor | None = None,
     ) -> float:
-        """One aggregation step of the global student (plain RD when K = 1), then the EMA update."""
+        """One aggregation step of the global student (plain RD when K = 1), then the EMA update.
+        ``positions`` (B,): the rows' indices in ``target_cache``, which then gives (or keeps) the
+        pseudo-normal targets."""
         images, feats = self.training_pair(images, teacher_feats)
         targets = None
         if self.uses_domains:
-            students = all_domain_students if all_domain_students is not None else self.all_domain_students()
-            targets = self.pseudo_normal(feats, domain_ids, students)
+            cache = self.target_cache if positions is not None else None
+            targets = cache.get(positions) if cache is not None else None
+            if targets is None:
+                students = all_domain_students
+                if students is None:
+                    students = self.all_domain_students()
+                targets = self.pseudo_normal(feats, domain_ids, students)
+                if cache is not None:
+                    cache.put(positions, targets)
         gate = self.relative_gate(targets, feats) if targets is not None else None
         self.global_student.train()
         output = self.global_student(self.student_input(feats, images))
@@ -363,11 +418,17 @@ def fit_in_process(
     on_step: StepHook | None = None,
     schedule: str = "alternate",
     select_on: Callable[[nn.Module], float] | None = None,
+    cache_targets: bool = True,
 ) -> list[dict[str, float]]:
     """Run the stages of ``stage_plan`` on in-memory images; returns the losses of each planned step.
 
     ``images`` (N, 3, S, S) lie on the engine's device; ``domains`` (N,) and the batch plan stay on
     the CPU (each batch's domain ids are moved to the images' device).
+
+    ``teacher_cache``: the teacher's features of ``images`` computed once (not with
+    ``objective.augment``); with it, ``cache_targets``, K > 1 and the ``sequential`` schedule, the
+    pseudo-normal targets are computed once too (``TargetCache``, filled by the first aggregation
+    epoch; ``cache_targets=False`` runs the domain students at every step, for comparison).
 
     ``on_step(stage, domain, sample_indices)`` sees every batch, for tests and tracing.
     ``select_on(student) -> float`` (lower is better, e.g. the held-out proxy) is called with the
@@ -381,6 +442,8 @@ def fit_in_process(
     generator = torch.Generator().manual_seed(seed)
     # no cache when every step transforms its images (objective.augment): no step could read it
     cached = engine.teacher_features(images) if teacher_cache and engine.objective.augment == "none" else None
+    if cache_targets and cached is not None and engine.uses_domains and schedule == "sequential":
+        engine.target_cache = TargetCache(len(images))
 
     def feats_of(index: torch.Tensor) -> Features | None:
         return None if cached is None else [f[index] for f in cached]
@@ -414,6 +477,7 @@ def fit_in_process(
                         domains[index].to(images.device),
                         teacher_feats=feats_of(index),
                         progress=progress,
+                        positions=index,
                     )
                 )
             record["loss_global"] = sum(losses) / len(losses)
@@ -425,6 +489,7 @@ def fit_in_process(
                         copy.deepcopy(engine.evaluation_student().state_dict()),
                     )
         history.append(record)
+    engine.target_cache = None  # the targets are of no use after training
     if best is not None:
         engine.evaluation_student().load_state_dict(best[1])
     return history

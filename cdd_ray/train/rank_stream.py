@@ -296,3 +296,20 @@ def cache_decision(
         budget_mb,
     )
     return True, size_mb
+
+
+def target_cache_fits(features_mb: float, budget_mb: float, rank: int) -> bool:
+    """Whether a ``cdd_ray.train.engine.TargetCache`` (as large as the teacher-feature cache,
+    ``features_mb`` MiB) fits beside that cache within ``budget_mb`` MiB per worker
+    (``train.teacher_cache_mb``); logs the choice."""
+    if 2 * features_mb > budget_mb:
+        LOGGER.warning(
+            "rank %d: pseudo-normal target cache off: it and the teacher cache would take %.0f MiB, "
+            "over train.teacher_cache_mb=%.0f; the domain students run at every aggregation step",
+            rank,
+            2 * features_mb,
+            budget_mb,
+        )
+        return False
+    LOGGER.info("rank %d: pseudo-normal target cache on: %.0f MiB", rank, features_mb)
+    return True

@@ -18,7 +18,9 @@ teacher and the trained model, so no evaluation actor starts.
 Each rank reads only its own rows (``cdd_ray.data.sharding``: its shard, its domains, its held-out
 ids), streamed from its dataset on every pass and shuffled in a window (``cdd_ray.train.rank_stream``);
 images stay uint8 until the step. The frozen teacher's features are cached when they fit
-``train.teacher_cache_mb`` per worker (the choice is logged and reported as ``teacher_cache_mb``).
+``train.teacher_cache_mb`` per worker (the choice is logged and reported as ``teacher_cache_mb``);
+under the ``sequential`` schedule with K > 1, so are the pseudo-normal targets when both fit that
+budget (``target_cache_fits``: the frozen domain students then run in the first aggregation epoch only).
 
 ``loop_config["trace_dir"]`` (tests and the fixed-cost benchmark) makes each rank log the sample
 ids of every batch and a digest of the global student's weights after each epoch.
@@ -62,11 +64,19 @@ from cdd_ray.train.checkpoint import (
     save_global,
     unwrap,
 )
-from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, stage_plan
+from cdd_ray.train.engine import CDDEngine, NonFiniteLossError, TargetCache, stage_plan
 from cdd_ray.train.exchange import average_buffers, exchange_domain_students, owned_domains
 from cdd_ray.train.fit import training_patch_features
 from cdd_ray.train.monitoring import RunGauges
-from cdd_ray.train.rank_stream import HOLDOUT, SHARD, SOURCE_BATCH, RankStream, batch_count, cache_decision
+from cdd_ray.train.rank_stream import (
+    HOLDOUT,
+    SHARD,
+    SOURCE_BATCH,
+    RankStream,
+    batch_count,
+    cache_decision,
+    target_cache_fits,
+)
 from cdd_ray.train.session import RayTrainSession
 
 TEST_COLUMNS = ("sample_id", "category", "label", "defect_type", "image", "mask")
@@ -441,6 +451,9 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
     )
     if use_cache and done < len(plan_stages(config)):  # nothing left to train: no cache to fill
         stream.fill_cache(engine.teacher_features)
+        sequential = num_domains > 1 and config.train.schedule == "sequential"
+        if sequential and target_cache_fits(cache_mb, config.train.teacher_cache_mb, rank):
+            engine.target_cache = TargetCache(stream.training_rows())
     cache_mb = _all_reduce(cache_mb, dist.ReduceOp.MAX)
     # The same answer on every rank (the proxy gathers over all of them), even one without held-out rows.
     holdout = stream if config.data.holdout_fraction and loop_config["domain_manifest"]["holdout"] else None
@@ -490,6 +503,7 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
                             students,
                             stream.features(rows),
                             progress=(epoch + batch / max(steps, 1)) / epochs,
+                            positions=rows.positions,
                         )
                     )
                     images_seen += len(rows)

@@ -1,6 +1,7 @@
 """Ray Train runs on 2 CPU workers: domain isolation, rank agreement, checkpoints, resume."""
 
 import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -88,17 +89,75 @@ def check_run(
     assert torch.isfinite(next(iter(state["global_student"].values()))).all()
 
 
+class TrainLog(logging.Handler):
+    """The messages of the ``cdd_ray.train`` logger at INFO and above, while in a ``with``
+    (attached to that logger itself: a run lowers the level of the root's handlers, caplog's too)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+    def __enter__(self) -> "TrainLog":
+        logger = logging.getLogger("cdd_ray.train")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("cdd_ray.train")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
 def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_path):
-    """In-process (ray.num_workers=0, the same loop on one rank): the sequential plan and domain
-    isolation; rank agreement under DDP is the two-worker test's below."""
-    overrides = {"train.num_domains": 2, "train.schedule": "sequential", "name": "seq", "ray.num_workers": 0}
+    """In-process (ray.num_workers=0, the same loop on one rank): the sequential plan, domain
+    isolation and the pseudo-normal target cache; rank agreement under DDP is the two-worker
+    test's below."""
+    overrides = {
+        "train.num_domains": 2,
+        "train.schedule": "sequential",
+        "train.epochs": 2,
+        "name": "seq",
+        "ray.num_workers": 0,
+    }
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
-    run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq")
+    with TrainLog() as log:
+        run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq")
     check_run(config, run_dir, checkpoint, metrics, events, world_size=1)
     stages = {e["step"]: e["stage"] for e in events if e["stage"] in ("dst", "global")}
-    assert stages == {0: "dst", 1: "global"}, "sequential: all DST epochs first, then aggregation"
+    assert stages == {0: "dst", 1: "dst", 2: "global", 3: "global"}, "sequential: all DST epochs first"
     state = load_global(checkpoint)
-    assert state["epoch"] == 1 and state["steps_done"] == 2
+    assert state["epoch"] == 2 and state["steps_done"] == 4
+    assert "pseudo-normal target cache on" in log.text
+    # A budget with room for the teacher's features but not for the targets too: the domain
+    # students run at every aggregation step, and the run trains (almost) the same student (a
+    # batch of another size may compute a row's targets in other last bits: TargetCache)
+    features_mb = float(
+        json.loads((run_dir / PROGRESS_FILE).read_text().splitlines()[-1])["teacher_cache_mb"]
+    )
+    tight = load_config(
+        None,
+        tiny_overrides(
+            tiny_store,
+            tmp_path / "runs",
+            **{**overrides, "name": "seq-tight", "train.teacher_cache_mb": 1.5 * features_mb},
+        ),
+    )
+    with TrainLog() as log:
+        _, tight_checkpoint, _ = train(tight)
+    assert "teacher-feature cache on" in log.text and "target cache off" in log.text
+    cached, computed = state["evaluation_student"], load_global(tight_checkpoint)["evaluation_student"]
+    for name, tensor in cached.items():
+        if torch.is_floating_point(tensor):
+            assert torch.allclose(tensor, computed[name], atol=1e-5), name
 
 
 def test_training_batches_carry_no_labels(ray_session, tiny_store):

@@ -7,6 +7,7 @@ from cdd_ray.train.engine import (
     CDDEngine,
     NonFiniteLossError,
     OptimConfig,
+    TargetCache,
     batches,
     ema_decay_at,
     fit_in_process,
@@ -90,6 +91,78 @@ def test_teacher_cache_gives_the_same_training():
     fit_in_process(plain, images, domains, epochs=1, batch_size=4, teacher_cache=False)
     for key, value in cached.global_student.state_dict().items():
         assert torch.allclose(value, plain.global_student.state_dict()[key], atol=1e-6)
+
+
+def _domain_student_calls(engine) -> list[int]:
+    """Domain ids of the domain students' forward passes in eval mode (the pseudo-normal targets;
+    their own DST steps run in train mode)."""
+    calls = []
+    for k, student in engine.domain_students.items():
+        student.register_forward_hook(
+            lambda module, args, out, k=k: None if module.training else calls.append(k)
+        )
+    return calls
+
+
+def test_target_cache_runs_the_domain_students_once_and_trains_the_same():
+    # 12 images in batches of 4: every aggregation batch has the same size, so the cached targets
+    # are the very numbers the domain students give at every step (TargetCache's docstring)
+    images, domains = torch.rand(12, 3, 32, 32), torch.tensor([0, 1] * 6)
+    runs = {}
+    for name in ("cached", "computed"):
+        engine = make_engine(2)
+        calls = _domain_student_calls(engine)
+        fit_in_process(
+            engine,
+            images,
+            domains,
+            epochs=3,
+            batch_size=4,
+            teacher_cache=True,
+            schedule="sequential",
+            cache_targets=name == "cached",
+        )
+        # target passes of the domain students over 3 aggregation epochs of 3 batches, K = 2
+        runs[name] = (len(calls), weights(engine.evaluation_student()), engine.target_cache)
+    assert runs["cached"][0] == 3 * 2  # the first aggregation epoch only
+    assert runs["computed"][0] == 3 * 3 * 2  # every aggregation epoch
+    for key, value in runs["cached"][1].items():
+        assert torch.equal(value, runs["computed"][1][key]), key
+    assert runs["cached"][2] is None  # released after training
+
+
+def test_target_cache_is_off_when_the_domain_students_keep_training():
+    images, domains = torch.rand(8, 3, 32, 32), torch.tensor([0, 1] * 4)
+    engine = make_engine(2)
+    calls = _domain_student_calls(engine)
+    seen = []
+    fit_in_process(
+        engine,
+        images,
+        domains,
+        epochs=2,
+        batch_size=4,
+        teacher_cache=True,
+        schedule="alternate",
+        on_step=lambda stage, k, index: seen.append(stage),
+    )
+    assert len(calls) == seen.count("global") * 2  # every aggregation step ran both students
+
+
+def test_target_cache_hits_only_filled_rows_and_a_domain_step_clears_it():
+    cache = TargetCache(6)
+    targets = [torch.rand(2, 3, 4, 4), torch.rand(2, 5, 2, 2)]
+    assert cache.get(torch.tensor([1, 4])) is None
+    cache.put(torch.tensor([1, 4]), targets)
+    got = cache.get(torch.tensor([4, 1]))
+    assert torch.equal(got[0], targets[0].flip(0)) and torch.equal(got[1], targets[1].flip(0))
+    assert cache.get(torch.tensor([1, 2])) is None  # row 2 was never filled
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        cache.put(torch.tensor([6, 0]), targets)
+    engine = make_engine(2)
+    engine.target_cache = cache
+    engine.domain_step(0, torch.rand(4, 3, 32, 32))
+    assert cache.get(torch.tensor([1, 4])) is None
 
 
 def test_non_finite_loss_names_the_stage_and_domain():

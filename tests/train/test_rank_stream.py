@@ -10,7 +10,14 @@ import torch
 
 from cdd_ray.data.sharding import rank_rows
 from cdd_ray.train.engine import batches
-from cdd_ray.train.rank_stream import HOLDOUT, SHARD, RankStream, batch_count, cache_decision
+from cdd_ray.train.rank_stream import (
+    HOLDOUT,
+    SHARD,
+    RankStream,
+    batch_count,
+    cache_decision,
+    target_cache_fits,
+)
 
 SIZE = 4
 
@@ -150,6 +157,14 @@ def test_the_cache_is_refused_above_its_budget_and_says_so(caplog):
     assert "1000 MiB exceeds train.teacher_cache_mb=999" in caplog.text
     assert "objective.augment=flips" in caplog.text
     assert "cache on" in caplog.text and "train.teacher_cache=false" in caplog.text
+
+
+def test_the_target_cache_needs_room_for_twice_the_features(caplog):
+    with caplog.at_level(logging.INFO, logger="cdd_ray.train"):
+        assert target_cache_fits(500.0, 1000.0, rank=0)
+        assert not target_cache_fits(501.0, 1000.0, rank=2)
+    assert "target cache on: 500 MiB" in caplog.text
+    assert "rank 2: pseudo-normal target cache off" in caplog.text and "1002 MiB" in caplog.text
 
 
 @pytest.mark.parametrize("rows", range(1, 40))
