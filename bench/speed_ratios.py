@@ -80,8 +80,8 @@ def target_cache_ratio(store: Path, epochs: int, rounds: int) -> None:
     print(f"\n1b. target cache, CDD K=2 sequential, {len(images)} images, {epochs} epochs of each stage")
     print("| targets | images/s (median of rounds) | rounds |\n|---|---:|---|")
     rates: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(rounds):
-        for cached in (False, True):
+    for round_ in range(rounds):
+        for cached in (False, True) if round_ % 2 == 0 else (True, False):  # neither always goes first
             engine = CDDEngine.create(teacher, spec, 2, ObjectiveConfig(), OptimConfig(), seed=0)
             started = time.perf_counter()
             fit_in_process(

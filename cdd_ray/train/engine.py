@@ -146,6 +146,7 @@ class TargetCache:
 
     def get(self, positions: torch.Tensor) -> Features | None:
         """Targets of the rows at ``positions`` (B,), or None unless every one of them is filled."""
+        self._check(positions)
         if self.store is None or not bool(self.filled[positions.cpu()].all()):
             return None
         index = positions.to(self.store[0].device)
@@ -153,8 +154,7 @@ class TargetCache:
 
     def put(self, positions: torch.Tensor, targets: Features) -> None:
         """Keep ``targets`` (per level (B, C, H, W)) for the rows at ``positions`` (B,)."""
-        if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= self.rows):
-            raise ValueError(f"target cache positions must lie in [0, {self.rows})")
+        self._check(positions)
         if self.store is None:
             self.store = [level.new_empty((self.rows, *level.shape[1:])) for level in targets]
         index = positions.to(self.store[0].device)
@@ -165,6 +165,10 @@ class TargetCache:
     def clear(self) -> None:
         self.store = None
         self.filled.zero_()
+
+    def _check(self, positions: torch.Tensor) -> None:
+        if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= self.rows):
+            raise ValueError(f"target cache positions must lie in [0, {self.rows})")
 
 
 class CDDEngine:
@@ -192,7 +196,8 @@ class CDDEngine:
         self.domain_optimizers = {k: make_optimizer(s, optim) for k, s in domain_students.items()}
         self.global_ema = make_ema(unwrap(global_student), optim.ema_decay)
         self.gate_thresholds: list[float] | None = None  # the relative gate's running quantiles
-        # Set by the training loops under the sequential schedule (``TargetCache``); a DST step clears it.
+        # Set by the training loops under the sequential schedule only (``TargetCache``): a DST step
+        # clears it, but only on this process, and other ranks' students may train (alternate).
         self.target_cache: TargetCache | None = None
         self._augmentation_seed = seed + 104729
         self._augmentation_generator: torch.Generator | None = None
@@ -442,8 +447,8 @@ def fit_in_process(
     generator = torch.Generator().manual_seed(seed)
     # no cache when every step transforms its images (objective.augment): no step could read it
     cached = engine.teacher_features(images) if teacher_cache and engine.objective.augment == "none" else None
-    if cache_targets and cached is not None and engine.uses_domains and schedule == "sequential":
-        engine.target_cache = TargetCache(len(images))
+    use_targets = cache_targets and cached is not None and engine.uses_domains and schedule == "sequential"
+    engine.target_cache = TargetCache(len(images)) if use_targets else None  # never one left from before
 
     def feats_of(index: torch.Tensor) -> Features | None:
         return None if cached is None else [f[index] for f in cached]
@@ -451,45 +456,47 @@ def fit_in_process(
     history = []
     best: tuple[float, dict] | None = None
     all_indices = torch.arange(len(images))
-    for step, (epoch, stages) in enumerate(stage_plan(engine.num_domains, epochs, schedule)):
-        engine.reseed_augmentation(seed * 1_000_003 + step)  # as the Ray loop's rank 0 does
-        record: dict[str, float] = {}
-        if "dst" in stages:
-            for k in sorted(engine.domain_students):
+    try:
+        for step, (epoch, stages) in enumerate(stage_plan(engine.num_domains, epochs, schedule)):
+            engine.reseed_augmentation(seed * 1_000_003 + step)  # as the Ray loop's rank 0 does
+            record: dict[str, float] = {}
+            if "dst" in stages:
+                for k in sorted(engine.domain_students):
+                    losses = []
+                    plan = batches(all_indices[domains == k], batch_size, generator)
+                    for batch, index in enumerate(plan):
+                        if on_step:
+                            on_step("dst", k, index)
+                        progress = (epoch + batch / len(plan)) / epochs
+                        losses.append(engine.domain_step(k, images[index], feats_of(index), progress))
+                    record[f"loss_domain_{k}"] = sum(losses) / max(1, len(losses))
+            if "global" in stages:
                 losses = []
-                plan = batches(all_indices[domains == k], batch_size, generator)
+                plan = batches(all_indices, batch_size, generator)
                 for batch, index in enumerate(plan):
                     if on_step:
-                        on_step("dst", k, index)
+                        on_step("global", -1, index)
                     progress = (epoch + batch / len(plan)) / epochs
-                    losses.append(engine.domain_step(k, images[index], feats_of(index), progress))
-                record[f"loss_domain_{k}"] = sum(losses) / max(1, len(losses))
-        if "global" in stages:
-            losses = []
-            plan = batches(all_indices, batch_size, generator)
-            for batch, index in enumerate(plan):
-                if on_step:
-                    on_step("global", -1, index)
-                progress = (epoch + batch / len(plan)) / epochs
-                losses.append(
-                    engine.global_step(
-                        images[index],
-                        domains[index].to(images.device),
-                        teacher_feats=feats_of(index),
-                        progress=progress,
-                        positions=index,
+                    losses.append(
+                        engine.global_step(
+                            images[index],
+                            domains[index].to(images.device),
+                            teacher_feats=feats_of(index),
+                            progress=progress,
+                            positions=index,
+                        )
                     )
-                )
-            record["loss_global"] = sum(losses) / len(losses)
-            if select_on is not None:
-                record["selection_score"] = select_on(engine.evaluation_student())
-                if best is None or record["selection_score"] < best[0]:
-                    best = (
-                        record["selection_score"],
-                        copy.deepcopy(engine.evaluation_student().state_dict()),
-                    )
-        history.append(record)
-    engine.target_cache = None  # the targets are of no use after training
+                record["loss_global"] = sum(losses) / len(losses)
+                if select_on is not None:
+                    record["selection_score"] = select_on(engine.evaluation_student())
+                    if best is None or record["selection_score"] < best[0]:
+                        best = (
+                            record["selection_score"],
+                            copy.deepcopy(engine.evaluation_student().state_dict()),
+                        )
+            history.append(record)
+    finally:
+        engine.target_cache = None  # of no use after training, nor to another fit
     if best is not None:
         engine.evaluation_student().load_state_dict(best[1])
     return history

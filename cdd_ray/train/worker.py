@@ -473,6 +473,8 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         images_seen = 0
         try:
             if "dst" in stage_names:
+                if engine.target_cache is not None:  # on every rank: any rank's students may change
+                    engine.target_cache.clear()
                 losses = {}
                 for k in owned:
                     count, values = batch_count(stream.size(k), config.train.batch_size), []
@@ -533,6 +535,8 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         gauges.update(metrics)
         trace.mark("step_trained", step)
         last = step + 1 == len(stages)
+        if last:
+            engine.target_cache = None  # free it before scoring
         scale = None
         scorer = _evaluation_student(engine, spec, selection, device) if last else None
         if last and config.eval.distance == "cos_l2":

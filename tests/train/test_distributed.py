@@ -15,6 +15,7 @@ from cdd_ray.data.domains import HOLDOUT
 from cdd_ray.evaluate.scoring import load_detector, read_split_arrays
 from cdd_ray.models.detector import distance_scale
 from cdd_ray.train.checkpoint import load_domains, load_global
+from cdd_ray.train.engine import CDDEngine
 from cdd_ray.train.run import DOMAINS_FILE, PROGRESS_FILE, evaluate, latest_checkpoint, train
 from tests.conftest import tiny_overrides
 
@@ -117,7 +118,7 @@ class TrainLog(logging.Handler):
         logger.setLevel(self._level)
 
 
-def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_path):
+def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_path, monkeypatch):
     """In-process (ray.num_workers=0, the same loop on one rank): the sequential plan, domain
     isolation and the pseudo-normal target cache; rank agreement under DDP is the two-worker
     test's below."""
@@ -129,6 +130,14 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
         "ray.num_workers": 0,
     }
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
+    target_passes = []  # pseudo-normal target computations (the run is in this process)
+    pseudo_normal = CDDEngine.pseudo_normal
+
+    def counted(engine, *args, **kwargs):
+        target_passes.append(1)
+        return pseudo_normal(engine, *args, **kwargs)
+
+    monkeypatch.setattr(CDDEngine, "pseudo_normal", counted)
     with TrainLog() as log:
         run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq")
     check_run(config, run_dir, checkpoint, metrics, events, world_size=1)
@@ -137,6 +146,8 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
     state = load_global(checkpoint)
     assert state["epoch"] == 2 and state["steps_done"] == 4
     assert "pseudo-normal target cache on" in log.text
+    cached_passes = len(target_passes)
+    target_passes.clear()
     # A budget with room for the teacher's features but not for the targets too: the domain
     # students run at every aggregation step, and the run trains (almost) the same student (a
     # batch of another size may compute a row's targets in other last bits: TargetCache)
@@ -154,6 +165,8 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
     with TrainLog() as log:
         _, tight_checkpoint, _ = train(tight)
     assert "teacher-feature cache on" in log.text and "target cache off" in log.text
+    # with the cache, the first of the two aggregation epochs computed every batch's targets
+    assert cached_passes > 0 and len(target_passes) == 2 * cached_passes
     cached, computed = state["evaluation_student"], load_global(tight_checkpoint)["evaluation_student"]
     for name, tensor in cached.items():
         if torch.is_floating_point(tensor):

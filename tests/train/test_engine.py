@@ -134,7 +134,7 @@ def test_target_cache_runs_the_domain_students_once_and_trains_the_same():
 def test_target_cache_is_off_when_the_domain_students_keep_training():
     images, domains = torch.rand(8, 3, 32, 32), torch.tensor([0, 1] * 4)
     engine = make_engine(2)
-    calls = _domain_student_calls(engine)
+    engine.target_cache = TargetCache(8)  # one left on the engine from elsewhere is not used either
     seen = []
     fit_in_process(
         engine,
@@ -144,9 +144,18 @@ def test_target_cache_is_off_when_the_domain_students_keep_training():
         batch_size=4,
         teacher_cache=True,
         schedule="alternate",
-        on_step=lambda stage, k, index: seen.append(stage),
+        on_step=lambda stage, k, index: seen.append(engine.target_cache),
     )
-    assert len(calls) == seen.count("global") * 2  # every aggregation step ran both students
+    assert len(seen) == 8 and all(cache is None for cache in seen)
+
+
+def test_a_failed_fit_leaves_no_target_cache_behind():
+    images, domains = torch.rand(8, 3, 32, 32), torch.tensor([0, 1] * 4)
+    images[5, 0, 0, 0] = float("nan")
+    engine = make_engine(2)
+    with pytest.raises(NonFiniteLossError):
+        fit_in_process(engine, images, domains, 1, 4, teacher_cache=True, schedule="sequential")
+    assert engine.target_cache is None
 
 
 def test_target_cache_hits_only_filled_rows_and_a_domain_step_clears_it():
@@ -159,6 +168,8 @@ def test_target_cache_hits_only_filled_rows_and_a_domain_step_clears_it():
     assert cache.get(torch.tensor([1, 2])) is None  # row 2 was never filled
     with pytest.raises(ValueError, match=r"\[0, 6\)"):
         cache.put(torch.tensor([6, 0]), targets)
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        cache.get(torch.tensor([-1, 1]))  # a held-out row's position (-1) never reads the last row
     engine = make_engine(2)
     engine.target_cache = cache
     engine.domain_step(0, torch.rand(4, 3, 32, 32))
