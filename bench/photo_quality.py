@@ -373,7 +373,8 @@ def main() -> None:
         "--epochs",
         type=int,
         default=TrainConfig().epochs,
-        help=f"default: the shipped train.epochs, {TrainConfig().epochs} (20 before 2026-12-01, late)",
+        help=f"default: the shipped train.epochs, {TrainConfig().epochs} "
+        "(50 before 2026-12-02, 20 before 2026-12-01, late)",
     )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--teacher", default="tf_efficientnet_lite0")

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from cdd_ray.config import ConfigError
+from cdd_ray.config import ConfigError, TrainConfig
 from cdd_ray.tune.grid import (
     GridSpec,
     load_grid,
@@ -62,6 +62,8 @@ def test_shipped_sweep_and_grid_files_parse():
     assert set(grid.methods) == {"rd", "cdd", "patchcore", "softpatch"} and 0.0 in grid.noise_ratios
     photos = load_grid(root / "photo_grid.yaml")
     assert photos.source == {"kind": "photos"} and set(photos.overlap) == {False, True}
+    # its base (cdd_synthetic.yaml) trains 8 epochs: the photo grid must pin the shipped default
+    assert f"train.epochs={TrainConfig().epochs}" in photos.overrides
 
 
 def test_sweep_runs_two_trials_at_once_and_resume_finishes_only_the_missing_one(
