@@ -227,7 +227,7 @@ def _photos(args: argparse.Namespace, console: Console) -> None:
 def _demo(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, console=console)
+    run_demo(Path(args.out), quick=args.quick, console=console, epochs=args.epochs)
 
 
 def _submit(args: argparse.Namespace, console: Console) -> None:
@@ -358,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--quick", action="store_true", help="tiny images, sets and epochs (tests)")
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        help="RD's and CDD's train.epochs (default: cdd_ray.demo.DEMO_EPOCHS, 50, to stay under "
+        "5 minutes on 2 cores; the shipped train.epochs is 100)",
+    )
     demo.set_defaults(handler=_demo)
 
     submit = commands.add_parser(

@@ -5,6 +5,7 @@ The photo benchmark (``cdd_ray.data.photos``: crops of real photographs with dra
 written as an MVTec tree and prepared through the MVTec reader; every method runs with its shipped
 defaults as an in-process Tune trial (two at once on two CPUs, trial processes reused), and the
 demo ends with one table: image AUROC and AUPRO per method, clean and contaminated, and the drop.
+RD and CDD train ``DEMO_EPOCHS`` (50) epochs, not the shipped 100, to stay under 5 minutes on 2 cores.
 Results: ``demo_out/demo.json`` and the grid folder (``summary.md``, ``summary.html``, every run's
 ``report.html``).
 
@@ -24,6 +25,9 @@ from cdd_ray.tune.grid import GridSpec, run_grid
 
 DEMO_NOISE = 0.2
 DEMO_CATEGORIES = ("lunar",)  # one category keeps the demo under 5 minutes on 2 cores (BENCHMARKS.md)
+# Not the shipped train.epochs (100): at 100 the demo took 442 s on 2 cores, its RD and CDD trials
+# alone ~357 s of two trial slots; at 50, 211 s (README "Demo time"). `cdd-ray demo --epochs 100`.
+DEMO_EPOCHS = 50
 METHODS = {
     "rd": ["train.num_domains=1"],
     "cdd": ["train.num_domains=2"],
@@ -32,8 +36,11 @@ METHODS = {
 }
 
 
-def demo_spec(out: Path, quick: bool) -> GridSpec:
-    overrides = ["ray.num_workers=0", "eval.overlays=2"]
+def demo_spec(out: Path, quick: bool, epochs: int = DEMO_EPOCHS) -> GridSpec:
+    """The demo's grid; ``epochs``: RD's and CDD's ``train.epochs`` (``quick`` trains 1)."""
+    if epochs < 1:
+        raise ValueError(f"demo epochs must be >= 1, got {epochs}")
+    overrides = ["ray.num_workers=0", "eval.overlays=2", f"train.epochs={epochs}"]
     source = {"kind": "photos"}
     categories = list(DEMO_CATEGORIES)
     if quick:
@@ -89,11 +96,15 @@ def demo_table(summary, console: Console) -> dict:
     return results
 
 
-def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> dict:
+def run_demo(
+    out: Path, quick: bool = False, console: Console | None = None, epochs: int | None = None
+) -> dict:
+    """Run the demo grid under ``out``; ``epochs`` (None: ``DEMO_EPOCHS``) as in ``demo_spec``."""
+    epochs = DEMO_EPOCHS if epochs is None else epochs
     console = console or Console()
     out = Path(out).resolve()
     started = time.perf_counter()
-    spec = demo_spec(out, quick)
+    spec = demo_spec(out, quick, epochs)
     outcome = run_grid(spec, console=console, print_table=False)
     results = demo_table(outcome["summary"], console)
     elapsed = time.perf_counter() - started
@@ -104,6 +115,7 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
         "overlap": True,
         "categories": spec.categories,
         "quick": quick,
+        "epochs": 1 if quick else epochs,
         "grid": str(outcome["grid_dir"]),
     }
     write_json(out / "demo.json", summary)

@@ -62,3 +62,25 @@ def test_demo_quick_runs_a_grid_of_four_methods_with_reports_and_a_summary(ray_s
     assert (grid / "summary.html").read_text().count("data:image/png;base64") == 1
     reports = list((grid / "runs").glob("*/report.html"))
     assert len(reports) == 8  # 4 methods x clean and noisy
+
+
+def test_demo_epochs_reach_the_grid_and_the_quick_demo_trains_one(tmp_path, monkeypatch):
+    import pytest
+
+    import cdd_ray.demo
+    from cdd_ray.config import load_config
+
+    def epochs_of(spec) -> int:
+        return load_config(None, spec.overrides).train.epochs
+
+    assert epochs_of(demo_spec(tmp_path, quick=False)) == cdd_ray.demo.DEMO_EPOCHS
+    assert epochs_of(demo_spec(tmp_path, quick=False, epochs=7)) == 7
+    assert epochs_of(demo_spec(tmp_path, quick=True, epochs=7)) == 1
+    with pytest.raises(ValueError, match="demo epochs"):
+        demo_spec(tmp_path, quick=False, epochs=0)
+    seen = {}
+    monkeypatch.setattr(cdd_ray.demo, "run_demo", lambda out, **kwargs: seen.update(kwargs))
+    assert main(["demo", "--epochs", "100", "--out", str(tmp_path)]) == 0
+    assert seen["epochs"] == 100 and seen["quick"] is False
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["epochs"] is None  # run_demo then trains DEMO_EPOCHS
