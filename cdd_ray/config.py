@@ -61,7 +61,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     num_domains: int = 2
-    # 100 over 50: CDD +0.004..+0.009 image AUROC per seed in each setting, RD +0.003..+0.018
+    # 100 over 50: CDD +0.004..+0.009 image AUROC per seed in each setting, RD +0.005..+0.018 (3 seeds)
     # (BENCHMARKS.md, "100 epochs"); 50 over 20: CDD +0.021..+0.032
     epochs: int = 100
     batch_size: int = 16

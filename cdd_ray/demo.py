@@ -3,8 +3,9 @@ clean and with 20 % contamination that stays in the test set, as one small grid 
 
 The photo benchmark (``cdd_ray.data.photos``: crops of real photographs with drawn defects) is
 written as an MVTec tree and prepared through the MVTec reader; every method runs with its shipped
-defaults as an in-process Tune trial (two at once on two CPUs, trial processes reused), and the
-demo ends with one table: image AUROC and AUPRO per method, clean and contaminated, and the drop.
+defaults (but ``DEMO_EPOCHS``) as an in-process Tune trial (two at once on two CPUs, trial
+processes reused), and the demo ends with one table: image AUROC and AUPRO per method, clean and
+contaminated, and the drop.
 RD and CDD train ``DEMO_EPOCHS`` (50) epochs, not the shipped 100, to stay under 5 minutes on 2 cores.
 Results: ``demo_out/demo.json`` and the grid folder (``summary.md``, ``summary.html``, every run's
 ``report.html``).
@@ -20,13 +21,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cdd_ray.config import ConfigError
 from cdd_ray.data.store import write_json
 from cdd_ray.tune.grid import GridSpec, run_grid
 
 DEMO_NOISE = 0.2
 DEMO_CATEGORIES = ("lunar",)  # one category keeps the demo under 5 minutes on 2 cores (BENCHMARKS.md)
 # Not the shipped train.epochs (100): at 100 the demo took 442 s on 2 cores, its RD and CDD trials
-# alone ~357 s of two trial slots; at 50, 211 s (README "Demo time"). `cdd-ray demo --epochs 100`.
+# alone >= 343 s of two trial slots; at 50, 196 s (README "Demo time"). `cdd-ray demo --epochs 100`.
 DEMO_EPOCHS = 50
 METHODS = {
     "rd": ["train.num_domains=1"],
@@ -39,7 +41,7 @@ METHODS = {
 def demo_spec(out: Path, quick: bool, epochs: int = DEMO_EPOCHS) -> GridSpec:
     """The demo's grid; ``epochs``: RD's and CDD's ``train.epochs`` (``quick`` trains 1)."""
     if epochs < 1:
-        raise ValueError(f"demo epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"demo --epochs must be >= 1, got {epochs}")
     overrides = ["ray.num_workers=0", "eval.overlays=2", f"train.epochs={epochs}"]
     source = {"kind": "photos"}
     categories = list(DEMO_CATEGORIES)

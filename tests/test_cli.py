@@ -3,6 +3,7 @@ import json
 import pandas as pd
 
 from cdd_ray.cli import main
+from cdd_ray.config import ConfigError
 from cdd_ray.demo import demo_spec
 from cdd_ray.tune.grid import source_key
 
@@ -76,7 +77,7 @@ def test_demo_epochs_reach_the_grid_and_the_quick_demo_trains_one(tmp_path, monk
     assert epochs_of(demo_spec(tmp_path, quick=False)) == cdd_ray.demo.DEMO_EPOCHS
     assert epochs_of(demo_spec(tmp_path, quick=False, epochs=7)) == 7
     assert epochs_of(demo_spec(tmp_path, quick=True, epochs=7)) == 1
-    with pytest.raises(ValueError, match="demo epochs"):
+    with pytest.raises(ConfigError, match="demo --epochs"):
         demo_spec(tmp_path, quick=False, epochs=0)
     seen = {}
     monkeypatch.setattr(cdd_ray.demo, "run_demo", lambda out, **kwargs: seen.update(kwargs))
