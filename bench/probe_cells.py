@@ -19,7 +19,7 @@ from photo_quality import CATEGORIES, store_for
 from quality_grid import mean_std
 from synthetic_quality import load
 
-from cdd_ray.config import load_config
+from cdd_ray.config import TrainConfig, load_config
 from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.models.teacher import TeacherConfig, build_teacher
 from cdd_ray.train.fit import fit_detector
@@ -32,7 +32,12 @@ def add_cell_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--domains", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=TrainConfig().epochs,
+        help=f"default: the shipped train.epochs, {TrainConfig().epochs} (20 before 2026-12-01, late)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true")
 

@@ -63,6 +63,10 @@ def test_demo_quick_runs_a_grid_of_four_methods_with_reports_and_a_summary(ray_s
     assert (grid / "summary.html").read_text().count("data:image/png;base64") == 1
     reports = list((grid / "runs").glob("*/report.html"))
     assert len(reports) == 8  # 4 methods x clean and noisy
+    # longest first: both CDD trials start before RD's, every trained trial before any memory bank's
+    started = pd.read_parquet(grid / "trials.parquet").groupby("method")["trial_started"]
+    assert started.max()["cdd"] < started.min()["rd"]
+    assert max(started.max()[["rd", "cdd"]]) < min(started.min()[["patchcore", "softpatch"]])
 
 
 def test_demo_epochs_reach_the_grid_and_the_quick_demo_trains_one(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 Every (noise, overlap, seed) cell gets its own prepared store (the contamination protocol is seeded),
 kept under ``data/<source_key>`` so that a grid file edited to another source never reuses old ones;
-every grid point is one Tune trial (a whole cdd-ray run), run concurrently as resources allow. The
+every grid point is one Tune trial (a whole cdd-ray run), run concurrently as resources allow, the
+longest first (``trial_cost``: a slot that gets the last long trial late idles the others). The
 summary holds mean and standard deviation over seeds per (category, noise, overlap, method), as
 Parquet and as a Markdown table in the format of a paper's table, with RD on clean data as the
 reference row when the grid has it.
@@ -35,7 +36,7 @@ import pandas as pd
 from ray import tune
 from rich.console import Console
 
-from cdd_ray.config import ConfigError, absolute_paths, load_config
+from cdd_ray.config import Config, ConfigError, absolute_paths, load_config, with_overrides
 from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import STORE_FILE, write_atomic
@@ -149,7 +150,35 @@ def prepare_stores(spec: GridSpec, grid_dir: Path, console: Console) -> dict[tup
     return stores
 
 
-def grid_cells(spec: GridSpec, stores: dict[tuple, Path]) -> list[dict]:
+def trial_cost(config: Config) -> int:
+    """A trial's training cost in RD epochs, the key that orders a grid's trials longest first.
+
+    A memory bank (PatchCore, SoftPatch) trains nothing: 0. RD: ``train.epochs``. CDD (K >= 2):
+    twice that, its domain students' passes plus the global student's (measured 1.6-2.4x RD's time
+    per cell with the shipped ``sequential`` schedule, BENCHMARKS.md "100 epochs"). A rough key, not
+    a time: equal keys keep the grid file's order.
+    """
+    if config.method != "distillation":
+        return 0
+    return config.train.epochs * (1 if config.train.num_domains == 1 else 2)
+
+
+def method_costs(spec: GridSpec, base: Config) -> dict[str, int]:
+    """``trial_cost`` of each of the grid's methods; applying their overrides to ``base`` checks them,
+    so a misspelt method override is a ``ConfigError`` naming the key before any trial starts."""
+    costs = {}
+    for method, overrides in spec.methods.items():
+        try:
+            costs[method] = trial_cost(with_overrides(base, overrides))
+        except ConfigError as error:
+            raise ConfigError(f"grid method {method!r}: {error}") from error
+    return costs
+
+
+def grid_cells(spec: GridSpec, stores: dict[tuple, Path], costs: dict[str, int] | None = None) -> list[dict]:
+    """One Tune trial per (category, noise, overlap, seed, method); with ``costs`` (``method_costs``)
+    the costliest methods' trials come first (Tune starts a grid's trials in this order), ties in the
+    grid file's order."""
     cells = []
     for category, noise, overlap, seed, method in itertools.product(
         spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods
@@ -162,6 +191,8 @@ def grid_cells(spec: GridSpec, stores: dict[tuple, Path]) -> list[dict]:
         ]
         labels = {"category": category, "noise": noise, "overlap": overlap, "seed": seed, "method": method}
         cells.append({"overrides": overrides, "labels": labels})
+    if costs is not None:
+        cells.sort(key=lambda cell: -costs[cell["labels"]["method"]])  # stable: ties keep their order
     return cells
 
 
@@ -214,11 +245,12 @@ def run_grid(
             "before grid data were keyed by source; --resume continues a grid only with the grid file it "
             "started with. Run it without --resume under a new name or storage_path."
         )
-    ensure_ray()
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
+    costs = method_costs(spec, base)  # checks every method's overrides before Ray starts
+    ensure_ray()
     console.print(f"grid directory: {grid_dir}")
     stores = prepare_stores(spec, grid_dir, console)
-    cells = grid_cells(spec, stores)
+    cells = grid_cells(spec, stores, costs)
     trainable, concurrency = trial_setup(base, grid_dir, spec.max_concurrent_trials)
     space = {"cell": tune.grid_search(cells)}
     results = fit_trials(trainable, space, grid_dir / "trials", concurrency, resume=resume)

@@ -9,11 +9,13 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from cdd_ray.config import ConfigError, TrainConfig
+from cdd_ray.config import ConfigError, TrainConfig, load_config
 from cdd_ray.tune.grid import (
     GridSpec,
+    grid_cells,
     load_grid,
     markdown_table,
+    method_costs,
     prepare_stores,
     run_grid,
     source_key,
@@ -132,6 +134,36 @@ def test_grid_data_are_keyed_by_source_so_an_edited_grid_file_never_reuses_old_s
     with pytest.raises(ConfigError, match=rf"data/{source_key(edge)} is missing.*--resume"):
         run_grid(edge_at, resume=True, console=console)
     assert not (tmp_path / "data" / source_key(edge)).exists()
+
+
+def test_grid_cells_put_the_costliest_methods_first_and_bad_method_overrides_are_named():
+    methods = {
+        "patchcore": ["method=patchcore"],
+        "rd": ["train.num_domains=1"],
+        "cdd": ["train.num_domains=2"],
+        "rd_long": ["train.num_domains=1", "train.epochs=40"],
+        "softpatch": ["method=softpatch"],
+    }
+    spec = GridSpec(name="g", categories=["a", "b"], noise_ratios=[0.0, 0.2], seeds=[0], methods=methods)
+    base = load_config(None, ["train.epochs=10"])
+    costs = method_costs(spec, base)
+    assert costs == {"patchcore": 0, "rd": 10, "cdd": 20, "rd_long": 40, "softpatch": 0}
+    stores = {(noise, False, 0): Path(f"/s{noise}") for noise in spec.noise_ratios}
+    ordered = grid_cells(spec, stores, costs)
+    as_listed = grid_cells(spec, stores)
+    assert sorted(map(str, ordered)) == sorted(map(str, as_listed))  # the same 20 trials
+    methods_in_order = [cell["labels"]["method"] for cell in ordered]
+    assert methods_in_order == ["rd_long"] * 4 + ["cdd"] * 4 + ["rd"] * 4 + ["patchcore", "softpatch"] * 4
+    # ties keep the grid file's order (category, noise, ...)
+    assert [(c["labels"]["category"], c["labels"]["noise"]) for c in ordered[:4]] == [
+        ("a", 0.0),
+        ("a", 0.2),
+        ("b", 0.0),
+        ("b", 0.2),
+    ]
+    typo = GridSpec(**{**spec.__dict__, "methods": {**methods, "cdd": ["train.num_domain=2"]}})
+    with pytest.raises(ConfigError, match=r"grid method 'cdd': unknown config key 'train.num_domain'"):
+        method_costs(typo, base)
 
 
 def test_markdown_table_puts_the_clean_reference_first():
