@@ -36,7 +36,7 @@ import pandas as pd
 from ray import tune
 from rich.console import Console
 
-from cdd_ray.config import Config, ConfigError, absolute_paths, load_config, with_overrides
+from cdd_ray.config import Config, ConfigError, absolute_paths, config_to_dict, load_config, with_overrides
 from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import STORE_FILE, write_atomic
@@ -45,7 +45,7 @@ from cdd_ray.evaluate.html_report import write_grid_summary
 from cdd_ray.evaluate.report import METRIC_KEYS
 from cdd_ray.ray_session import ensure_ray
 from cdd_ray.tune.spec import _read_yaml, resolve_base_config
-from cdd_ray.tune.sweep import fit_trials, trial_setup, write_trials
+from cdd_ray.tune.sweep import fit_trials, pin_experiment, trial_setup, write_trials
 
 GRID_LABELS = ("category", "noise", "overlap", "seed", "method")
 
@@ -247,6 +247,8 @@ def run_grid(
         )
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
     costs = method_costs(spec, base)  # checks every method's overrides before Ray starts
+    cells_of = {k: getattr(spec, k) for k in ("methods", "categories", "noise_ratios", "overlap", "seeds")}
+    pin_experiment(grid_dir, {"base": config_to_dict(base), **cells_of}, resume, console)
     ensure_ray()
     console.print(f"grid directory: {grid_dir}")
     stores = prepare_stores(spec, grid_dir, console)

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -30,12 +31,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from rich.console import Console
 from rich.table import Table
 
-from cdd_ray.config import Config, absolute_paths, config_to_dict, load_config
+from cdd_ray.config import Config, ConfigError, absolute_paths, config_to_dict, load_config
 from cdd_ray.data.store import write_atomic
 from cdd_ray.ray_session import check_resources, cluster_has_gpus, ensure_ray, verbose
 from cdd_ray.tune.spec import LABEL_FREE_METRICS, SweepSpec
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, run_trial
 
+EXPERIMENT_FILE = "experiment.json"
 TRIAL_MEMORY = 512 * 1024**2  # a trial reserves memory but no CPU (see the module docstring)
 SAMPLER_FACTORIES = {
     "grid": tune.grid_search,
@@ -98,6 +100,54 @@ def _scheduler(spec: SweepSpec, epochs: int):
     )
 
 
+def _flatten(values, prefix: str = "") -> dict:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    flat = {}
+    for key, value in values.items():
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def pin_experiment(directory: Path, record: dict, resume: bool, console: Console) -> None:
+    """Keep what an experiment's trials are built from in ``directory/experiment.json``; with
+    ``resume``, refuse settings other than those it started with.
+
+    ``record``: JSON-able, e.g. the resolved base config and the search space or grid cells. Tune
+    restores its trials and their parameters from its own state (a changed search space is ignored)
+    while the base config comes from the current files and overrides: a resume with other settings
+    would mix two experiments in one table. An experiment started before this file existed is
+    resumed unchecked, with a warning, and the file written.
+
+    Raises:
+        ConfigError: on ``resume`` with a different record; names the directory and the first
+            differing keys (old -> new).
+    """
+    path = directory / EXPERIMENT_FILE
+    record = json.loads(json.dumps(record, default=str))
+    if resume and path.is_file():
+        before, now = _flatten(json.loads(path.read_text())), _flatten(record)
+        changed = [
+            f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(before.keys() | now.keys())
+            if before.get(k) != now.get(k)
+        ]
+        if changed:
+            shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise ConfigError(
+                f"{directory}: --resume with other settings than the experiment started with ({shown}). "
+                "Resume with the same file and overrides, or start it under a new name or storage_path."
+            )
+        return
+    if resume:
+        console.print(
+            f"[yellow]{path} is missing (started before cdd-ray recorded it): the settings "
+            "of the resumed trials are not checked against the current ones[/yellow]"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def write_trials(directory: Path, frame: pd.DataFrame) -> None:
     """All trials as Parquet and CSV (written under temporary names, then renamed)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,10 +208,18 @@ def fit_trials(
 
 def run_sweep(spec: SweepSpec, resume: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
-    ensure_ray()
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
     storage = Path(spec.storage_path).resolve()
     sweep_dir = storage / spec.name
+    record = {
+        "base": config_to_dict(base),
+        "search_space": spec.search_space,
+        "num_samples": spec.num_samples,
+        "scheduler": spec.scheduler,
+        "objective": [spec.metric, spec.mode],
+    }
+    pin_experiment(sweep_dir, record, resume, console)  # before Ray starts
+    ensure_ray()
     console.print(f"sweep directory: {sweep_dir}")
     if spec.uses_labels:
         console.print(f"[yellow]objective {spec.metric} uses test labels for model selection[/yellow]")

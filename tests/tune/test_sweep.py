@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from cdd_ray.config import ConfigError, TrainConfig, load_config
+from cdd_ray.config import ConfigError, TrainConfig, absolute_paths, config_to_dict, load_config
 from cdd_ray.tune.grid import (
     GridSpec,
     grid_cells,
@@ -22,7 +22,7 @@ from cdd_ray.tune.grid import (
     summarize_grid,
 )
 from cdd_ray.tune.spec import load_sweep
-from cdd_ray.tune.sweep import run_sweep
+from cdd_ray.tune.sweep import EXPERIMENT_FILE, pin_experiment, run_sweep
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
 from tests.conftest import tiny_overrides
 
@@ -164,6 +164,53 @@ def test_grid_cells_put_the_costliest_methods_first_and_bad_method_overrides_are
     typo = GridSpec(**{**spec.__dict__, "methods": {**methods, "cdd": ["train.num_domain=2"]}})
     with pytest.raises(ConfigError, match=r"grid method 'cdd': unknown config key 'train.num_domain'"):
         method_costs(typo, base)
+
+
+def test_resume_refuses_settings_other_than_those_the_experiment_started_with(tmp_path):
+    console = Console(record=True, width=200)
+    record = {"base": {"train": {"epochs": 10, "seed": 0}}, "seeds": [0, 1]}
+    pin_experiment(tmp_path / "exp", record, resume=False, console=console)
+    pin_experiment(tmp_path / "exp", json.loads(json.dumps(record)), resume=True, console=console)
+    changed = {"base": {"train": {"epochs": 20, "seed": 0}}, "seeds": [0, 1]}
+    with pytest.raises(ConfigError, match=r"exp: --resume with other settings.*base.train.epochs: 10 -> 20"):
+        pin_experiment(tmp_path / "exp", changed, resume=True, console=console)
+    assert json.loads((tmp_path / "exp" / EXPERIMENT_FILE).read_text()) == record  # kept as it started
+    pin_experiment(tmp_path / "exp", changed, resume=False, console=console)  # a new start records anew
+    assert json.loads((tmp_path / "exp" / EXPERIMENT_FILE).read_text()) == changed
+    console.export_text()
+    pin_experiment(tmp_path / "old", record, resume=True, console=console)  # started before the record
+    assert "not checked" in console.export_text() and (tmp_path / "old" / EXPERIMENT_FILE).is_file()
+
+
+def test_grid_resume_with_changed_overrides_or_methods_is_refused_before_ray_starts(tmp_path):
+    tiny = {"kind": "photos", "train_normal": 4, "test_normal": 2, "test_anomalous": 2, "image_size": 32}
+    spec = GridSpec(
+        name="g",
+        categories=["lunar"],
+        noise_ratios=[0.0],
+        seeds=[0],
+        methods={"rd": ["train.num_domains=1"]},
+        source=tiny,
+        overrides=["train.epochs=3"],
+        storage_path=str(tmp_path),
+    )
+    grid_dir = tmp_path / "g"
+    prepare_stores(spec, grid_dir, Console(quiet=True))  # as a started grid has them
+    base = absolute_paths(load_config(None, spec.overrides))
+    cells_of = {k: getattr(spec, k) for k in ("methods", "categories", "noise_ratios", "overlap", "seeds")}
+    pin_experiment(grid_dir, {"base": config_to_dict(base), **cells_of}, False, Console(quiet=True))
+    for changed, key in [
+        (GridSpec(**{**spec.__dict__, "overrides": ["train.epochs=4"]}), r"base\.train\.epochs: 3 -> 4"),
+        (
+            GridSpec(**{**spec.__dict__, "methods": {"rd": ["train.num_domains=1", "train.seed=1"]}}),
+            r"methods\.rd: \['train.num_domains=1'\] -> \['train.num_domains=1', 'train.seed=1'\]",
+        ),
+    ]:
+        # the only difference named: nothing else in the record moves between two loads of one grid
+        with pytest.raises(
+            ConfigError, match=rf"--resume with other settings than the experiment started with \({key}\)"
+        ):
+            run_grid(changed, resume=True, console=Console(quiet=True))
 
 
 def test_markdown_table_puts_the_clean_reference_first():
