@@ -36,7 +36,7 @@ def add_cell_arguments(parser) -> None:
         "--epochs",
         type=int,
         default=TrainConfig().epochs,
-        help=f"default: the shipped train.epochs, {TrainConfig().epochs} (20 before 2026-12-01, late)",
+        help=f"default: the shipped train.epochs, {TrainConfig().epochs} (20 until 2026-12-02)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true")

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from cdd_ray.config import ConfigError, config_from_dict, config_to_dict, load_config
+from cdd_ray.config import ConfigError, absolute_paths, config_from_dict, config_to_dict, load_config
 from cdd_ray.data.contamination import ContaminationError
 from cdd_ray.data.domains import PartitionError
 from cdd_ray.data.images import BadImageError, MaskMismatchError
@@ -181,11 +181,16 @@ def _export(args: argparse.Namespace, console: Console) -> None:
 
 def _sweep(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.tune.spec import load_sweep
-    from cdd_ray.tune.sweep import run_sweep
+    from cdd_ray.tune.sweep import check_resume, run_sweep, sweep_record
 
     spec = load_sweep(Path(args.spec), args.overrides)
     if args.dry_run:
-        check_local_resources(load_config(spec.base_config, spec.overrides))
+        base = load_config(spec.base_config, spec.overrides)
+        check_local_resources(base)
+        if args.resume:
+            sweep_dir = Path(spec.storage_path).resolve() / spec.name
+            check_resume(sweep_dir, sweep_record(spec, absolute_paths(base)), console)
+            console.print(f"--resume: the settings match {sweep_dir}'s experiment")
         console.print(f"sweep {spec.name}: space {spec.search_space}, objective {spec.metric} ({spec.mode})")
         console.print("sweep and base configuration valid; --dry-run: nothing started")
         return
@@ -194,14 +199,24 @@ def _sweep(args: argparse.Namespace, console: Console) -> None:
 
 
 def _grid(args: argparse.Namespace, console: Console) -> None:
-    from cdd_ray.tune.grid import load_grid, run_grid
+    from cdd_ray.tune.grid import grid_record, load_grid, method_costs, run_grid
+    from cdd_ray.tune.sweep import check_resume
 
     spec = load_grid(Path(args.spec), args.overrides)
     if args.dry_run:
+        base = absolute_paths(load_config(spec.base_config, spec.overrides))
+        costs = method_costs(spec, base)  # names a method whose overrides are wrong
         for overrides in spec.methods.values():
             check_local_resources(load_config(spec.base_config, [*spec.overrides, *overrides]))
         cells = len(spec.categories) * len(spec.noise_ratios) * len(spec.overlap) * len(spec.seeds)
-        console.print(f"grid {spec.name}: {cells * len(spec.methods)} runs ({', '.join(spec.methods)})")
+        order = sorted(spec.methods, key=lambda method: -costs[method])
+        console.print(
+            f"grid {spec.name}: {cells * len(spec.methods)} runs, started in this order: {', '.join(order)}"
+        )
+        if args.resume:
+            grid_dir = Path(spec.storage_path).resolve() / spec.name
+            check_resume(grid_dir, grid_record(spec, base), console)
+            console.print(f"--resume: the settings match {grid_dir}'s experiment")
         console.print("grid and method configurations valid; --dry-run: nothing started")
         return
     outcome = run_grid(spec, resume=args.resume, console=console)

@@ -64,6 +64,7 @@ def test_demo_quick_runs_a_grid_of_four_methods_with_reports_and_a_summary(ray_s
     reports = list((grid / "runs").glob("*/report.html"))
     assert len(reports) == 8  # 4 methods x clean and noisy
     # longest first: both CDD trials start before RD's, every trained trial before any memory bank's
+    # (two trial slots: concurrent_trials on the session's 2 CPUs at one CPU per in-process trial)
     started = pd.read_parquet(grid / "trials.parquet").groupby("method")["trial_started"]
     assert started.max()["cdd"] < started.min()["rd"]
     assert max(started.max()[["rd", "cdd"]]) < min(started.min()[["patchcore", "softpatch"]])

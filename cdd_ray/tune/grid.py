@@ -36,7 +36,7 @@ import pandas as pd
 from ray import tune
 from rich.console import Console
 
-from cdd_ray.config import Config, ConfigError, absolute_paths, config_to_dict, load_config, with_overrides
+from cdd_ray.config import Config, ConfigError, absolute_paths, load_config, with_overrides
 from cdd_ray.data.photos import PhotoBenchmarkConfig, write_photo_benchmark
 from cdd_ray.data.prepare import prepare
 from cdd_ray.data.store import STORE_FILE, write_atomic
@@ -45,7 +45,14 @@ from cdd_ray.evaluate.html_report import write_grid_summary
 from cdd_ray.evaluate.report import METRIC_KEYS
 from cdd_ray.ray_session import ensure_ray
 from cdd_ray.tune.spec import _read_yaml, resolve_base_config
-from cdd_ray.tune.sweep import fit_trials, pin_experiment, trial_setup, write_trials
+from cdd_ray.tune.sweep import (
+    check_resume,
+    experiment_record,
+    fit_trials,
+    trial_setup,
+    write_experiment,
+    write_trials,
+)
 
 GRID_LABELS = ("category", "noise", "overlap", "seed", "method")
 
@@ -175,6 +182,13 @@ def method_costs(spec: GridSpec, base: Config) -> dict[str, int]:
     return costs
 
 
+def grid_record(spec: GridSpec, base: Config) -> dict:
+    """``experiment_record`` of a grid: its base config (less the data path, category and seed each
+    cell sets) and its methods, categories, noise ratios, overlaps and seeds."""
+    cells_of = {k: getattr(spec, k) for k in ("methods", "categories", "noise_ratios", "overlap", "seeds")}
+    return experiment_record(base, ("data.path", "data.category", "train.seed"), **cells_of)
+
+
 def grid_cells(spec: GridSpec, stores: dict[tuple, Path], costs: dict[str, int] | None = None) -> list[dict]:
     """One Tune trial per (category, noise, overlap, seed, method); with ``costs`` (``method_costs``)
     the costliest methods' trials come first (Tune starts a grid's trials in this order), ties in the
@@ -247,14 +261,16 @@ def run_grid(
         )
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
     costs = method_costs(spec, base)  # checks every method's overrides before Ray starts
-    cells_of = {k: getattr(spec, k) for k in ("methods", "categories", "noise_ratios", "overlap", "seeds")}
-    pin_experiment(grid_dir, {"base": config_to_dict(base), **cells_of}, resume, console)
+    record = grid_record(spec, base)
+    if resume:
+        check_resume(grid_dir, record, console)
     ensure_ray()
     console.print(f"grid directory: {grid_dir}")
     stores = prepare_stores(spec, grid_dir, console)
     cells = grid_cells(spec, stores, costs)
     trainable, concurrency = trial_setup(base, grid_dir, spec.max_concurrent_trials)
     space = {"cell": tune.grid_search(cells)}
+    write_experiment(grid_dir, record)
     results = fit_trials(trainable, space, grid_dir / "trials", concurrency, resume=resume)
     frame = results.get_dataframe()
     # Tune flattens the nested cell into config/cell/labels/<key> and config/cell/overrides columns.

@@ -109,43 +109,70 @@ def _flatten(values, prefix: str = "") -> dict:
     return flat
 
 
-def pin_experiment(directory: Path, record: dict, resume: bool, console: Console) -> None:
-    """Keep what an experiment's trials are built from in ``directory/experiment.json``; with
-    ``resume``, refuse settings other than those it started with.
+def experiment_record(base: Config, trial_keys: tuple[str, ...] = (), **parts) -> dict:
+    """What an experiment's trials are built from, as JSON: ``base`` (the resolved config) without
+    the keys every trial sets itself (``name`` and ``ray.storage_path``, and ``trial_keys``, dotted),
+    and ``parts`` (search space, grid cells, ...)."""
+    values = config_to_dict(base)
+    for dotted in ("name", "ray.storage_path", *trial_keys):
+        section, _, key = dotted.rpartition(".")
+        (values[section] if section else values).pop(key)
+    return json.loads(json.dumps({"base": values, **parts}, default=str))
 
-    ``record``: JSON-able, e.g. the resolved base config and the search space or grid cells. Tune
-    restores its trials and their parameters from its own state (a changed search space is ignored)
-    while the base config comes from the current files and overrides: a resume with other settings
-    would mix two experiments in one table. An experiment started before this file existed is
-    resumed unchecked, with a warning, and the file written.
+
+def check_resume(directory: Path, record: dict, console: Console) -> None:
+    """Before a resume starts Ray: refuse settings other than those ``directory``'s experiment
+    started with (its ``experiment.json``, see ``write_experiment``).
+
+    Tune restores its trials and their parameters from its own state (a changed search space is
+    ignored) while the base config comes from the current files and overrides: a resume with other
+    settings would mix two experiments in one table. An experiment started before cdd-ray wrote the
+    record is resumed unchecked, with a warning.
 
     Raises:
-        ConfigError: on ``resume`` with a different record; names the directory and the first
-            differing keys (old -> new).
+        FileNotFoundError: ``directory/trials`` holds no Tune experiment to resume.
+        ConfigError: the record differs; names the file and the first differing keys (old -> new).
     """
+    if not tune.Tuner.can_restore(str(directory / "trials")):
+        raise FileNotFoundError(f"{directory / 'trials'}: no Tune experiment to resume")
     path = directory / EXPERIMENT_FILE
-    record = json.loads(json.dumps(record, default=str))
-    if resume and path.is_file():
-        before, now = _flatten(json.loads(path.read_text())), _flatten(record)
-        changed = [
-            f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-            for k in sorted(before.keys() | now.keys())
-            if before.get(k) != now.get(k)
-        ]
-        if changed:
-            shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
-            raise ConfigError(
-                f"{directory}: --resume with other settings than the experiment started with ({shown}). "
-                "Resume with the same file and overrides, or start it under a new name or storage_path."
-            )
-        return
-    if resume:
+    if not path.is_file():
         console.print(
-            f"[yellow]{path} is missing (started before cdd-ray recorded it): the settings "
-            "of the resumed trials are not checked against the current ones[/yellow]"
+            f"[yellow]{path} is missing (the experiment started before cdd-ray recorded its settings): the "
+            "resumed trials' settings are not checked against the current ones[/yellow]"
         )
+        return
+    before, now = _flatten(json.loads(path.read_text())), _flatten(record)
+    changed = [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(before.keys() | now.keys())
+        if before.get(k) != now.get(k)
+    ]
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ConfigError(
+            f"{path}: --resume with other settings than the experiment started with ({shown}). Resume "
+            "with the same command (file and overrides) and the same cdd-ray version, or start it under "
+            "a new name or storage_path."
+        )
+
+
+def write_experiment(directory: Path, record: dict) -> None:
+    """Write ``directory/experiment.json`` (atomically), right before Tune starts or restores the
+    trials: a start that fails earlier leaves the record of the experiment the folder holds."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_atomic(directory / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def sweep_record(spec: SweepSpec, base: Config) -> dict:
+    """``experiment_record`` of a sweep: its base config, search space, samples, scheduler, objective."""
+    return experiment_record(
+        base,
+        search_space=spec.search_space,
+        num_samples=spec.num_samples,
+        scheduler=spec.scheduler,
+        objective=[spec.metric, spec.mode],
+    )
 
 
 def write_trials(directory: Path, frame: pd.DataFrame) -> None:
@@ -211,14 +238,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, console: Console | None = N
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
     storage = Path(spec.storage_path).resolve()
     sweep_dir = storage / spec.name
-    record = {
-        "base": config_to_dict(base),
-        "search_space": spec.search_space,
-        "num_samples": spec.num_samples,
-        "scheduler": spec.scheduler,
-        "objective": [spec.metric, spec.mode],
-    }
-    pin_experiment(sweep_dir, record, resume, console)  # before Ray starts
+    record = sweep_record(spec, base)
+    if resume:
+        check_resume(sweep_dir, record, console)  # before Ray starts
     ensure_ray()
     console.print(f"sweep directory: {sweep_dir}")
     if spec.uses_labels:
@@ -229,6 +251,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, console: Console | None = N
     scheduler = _scheduler(spec, base.train.epochs)
     space = tune_space(spec.search_space)
     experiment = sweep_dir / "trials"
+    write_experiment(sweep_dir, record)
     results = fit_trials(trainable, space, experiment, concurrency, scheduler, spec.num_samples, resume)
     frame = results.get_dataframe()
     write_trials(sweep_dir, frame)

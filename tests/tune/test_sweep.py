@@ -9,10 +9,11 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from cdd_ray.config import ConfigError, TrainConfig, absolute_paths, config_to_dict, load_config
+from cdd_ray.config import ConfigError, TrainConfig, absolute_paths, load_config
 from cdd_ray.tune.grid import (
     GridSpec,
     grid_cells,
+    grid_record,
     load_grid,
     markdown_table,
     method_costs,
@@ -22,7 +23,7 @@ from cdd_ray.tune.grid import (
     summarize_grid,
 )
 from cdd_ray.tune.spec import load_sweep
-from cdd_ray.tune.sweep import EXPERIMENT_FILE, pin_experiment, run_sweep
+from cdd_ray.tune.sweep import EXPERIMENT_FILE, check_resume, run_sweep, sweep_record, write_experiment
 from cdd_ray.tune.trial import FAIL_ONCE_ENV, trial_overrides
 from tests.conftest import tiny_overrides
 
@@ -166,23 +167,69 @@ def test_grid_cells_put_the_costliest_methods_first_and_bad_method_overrides_are
         method_costs(typo, base)
 
 
+def started_experiment(directory: Path, record: dict | None) -> Path:
+    """A folder as a started sweep or grid leaves it: Tune's state (``tuner.pkl``, what
+    ``Tuner.can_restore`` looks for) and, unless None, cdd-ray's record."""
+    (directory / "trials").mkdir(parents=True)
+    (directory / "trials" / "tuner.pkl").write_bytes(b"")
+    if record is not None:
+        write_experiment(directory, record)
+    return directory
+
+
+def no_ray(monkeypatch, module) -> None:
+    """Make starting Ray from ``module`` fail the test: the checks must come before it."""
+
+    def refuse():
+        raise AssertionError("Ray started before the resume check")
+
+    monkeypatch.setattr(module, "ensure_ray", refuse)
+
+
 def test_resume_refuses_settings_other_than_those_the_experiment_started_with(tmp_path):
     console = Console(record=True, width=200)
     record = {"base": {"train": {"epochs": 10, "seed": 0}}, "seeds": [0, 1]}
-    pin_experiment(tmp_path / "exp", record, resume=False, console=console)
-    pin_experiment(tmp_path / "exp", json.loads(json.dumps(record)), resume=True, console=console)
+    with pytest.raises(FileNotFoundError, match=r"new/trials: no Tune experiment to resume"):
+        check_resume(tmp_path / "new", record, console)
+    exp = started_experiment(tmp_path / "exp", record)
+    check_resume(exp, json.loads(json.dumps(record)), console)  # the same settings: resumed
     changed = {"base": {"train": {"epochs": 20, "seed": 0}}, "seeds": [0, 1]}
-    with pytest.raises(ConfigError, match=r"exp: --resume with other settings.*base.train.epochs: 10 -> 20"):
-        pin_experiment(tmp_path / "exp", changed, resume=True, console=console)
-    assert json.loads((tmp_path / "exp" / EXPERIMENT_FILE).read_text()) == record  # kept as it started
-    pin_experiment(tmp_path / "exp", changed, resume=False, console=console)  # a new start records anew
-    assert json.loads((tmp_path / "exp" / EXPERIMENT_FILE).read_text()) == changed
+    with pytest.raises(
+        ConfigError,
+        match=r"exp/experiment.json: --resume with other settings .*\(base.train.epochs: 10 -> 20\)",
+    ):
+        check_resume(exp, changed, console)
+    assert json.loads((exp / EXPERIMENT_FILE).read_text()) == record  # kept as it started
     console.export_text()
-    pin_experiment(tmp_path / "old", record, resume=True, console=console)  # started before the record
-    assert "not checked" in console.export_text() and (tmp_path / "old" / EXPERIMENT_FILE).is_file()
+    check_resume(started_experiment(tmp_path / "old", None), record, console)  # started before the record
+    assert "not checked" in console.export_text()
 
 
-def test_grid_resume_with_changed_overrides_or_methods_is_refused_before_ray_starts(tmp_path):
+def test_sweep_resume_with_another_search_space_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import cdd_ray.tune.sweep
+
+    spec = load_sweep(
+        write_yaml(
+            tmp_path / "s.yaml",
+            {
+                "name": "s",
+                "overrides": ["train.epochs=3"],
+                "search_space": {"train.num_domains": {"grid": [1, 2]}},
+                "storage_path": str(tmp_path / "out"),
+            },
+        )
+    )
+    base = absolute_paths(load_config(None, spec.overrides))
+    started_experiment(tmp_path / "out" / "s", sweep_record(spec, base))
+    no_ray(monkeypatch, cdd_ray.tune.sweep)
+    spec.search_space = {"train.num_domains": {"grid": [1, 3]}}
+    with pytest.raises(ConfigError, match=r"search_space.train.num_domains.grid: \[1, 2\] -> \[1, 3\]"):
+        run_sweep(spec, resume=True, console=Console(quiet=True))
+
+
+def test_grid_resume_with_changed_overrides_or_methods_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import cdd_ray.tune.grid
+
     tiny = {"kind": "photos", "train_normal": 4, "test_normal": 2, "test_anomalous": 2, "image_size": 32}
     spec = GridSpec(
         name="g",
@@ -191,14 +238,17 @@ def test_grid_resume_with_changed_overrides_or_methods_is_refused_before_ray_sta
         seeds=[0],
         methods={"rd": ["train.num_domains=1"]},
         source=tiny,
-        overrides=["train.epochs=3"],
+        overrides=["train.epochs=3", "ray.storage_path=runs", "data.path=somewhere"],
         storage_path=str(tmp_path),
     )
     grid_dir = tmp_path / "g"
     prepare_stores(spec, grid_dir, Console(quiet=True))  # as a started grid has them
-    base = absolute_paths(load_config(None, spec.overrides))
-    cells_of = {k: getattr(spec, k) for k in ("methods", "categories", "noise_ratios", "overlap", "seeds")}
-    pin_experiment(grid_dir, {"base": config_to_dict(base), **cells_of}, False, Console(quiet=True))
+    started_experiment(grid_dir, grid_record(spec, absolute_paths(load_config(None, spec.overrides))))
+    no_ray(monkeypatch, cdd_ray.tune.grid)
+    # keys each trial sets itself (relative paths resolved in another folder) are not compared
+    monkeypatch.chdir(tmp_path)
+    again = grid_record(spec, absolute_paths(load_config(None, spec.overrides)))
+    check_resume(grid_dir, again, Console(quiet=True))
     for changed, key in [
         (GridSpec(**{**spec.__dict__, "overrides": ["train.epochs=4"]}), r"base\.train\.epochs: 3 -> 4"),
         (
