@@ -271,6 +271,7 @@ def report(
     seeds: list[int] | None = None,
     noise: list[float] | None = None,
     settings: list[str] | None = None,
+    clean_references: list[str] = (),
 ) -> None:
     """Tables of the cells in ``paths`` (only ``seeds``, ``noise`` ratios and ``settings`` when
     given; the clean cells, noise 0, belong to every setting)."""
@@ -319,36 +320,49 @@ def report(
     defect_table(groups, order, categories)
     by_cell = {(r["setting"], r["noise"], r["category"], r["seed"], r["method"]): r for r in rows}
     methods = sorted({r["method"] for r in rows})
-    for reference in references:
-        if reference not in methods:
+    for reference in references + [f"{m}@clean" for m in clean_references]:
+        if reference.removesuffix("@clean") not in methods:
             print(f"\n--reference {reference}: no such method in these files (methods: {', '.join(methods)})")
             continue
-        print(
-            f"\nPaired differences in {metric}, method minus {reference} on the same cell: mean +- std "
-            "over cells; per seed: the mean over categories, over the seeds that have every paired category\n"
-        )
-        print(
-            "| setting | noise | method | cells | difference | worst | seeds | per seed |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|"
-        )
-        for setting, noise, method in order:
-            if method == reference:
-                continue
-            diffs = {
-                (c, seed): row[metric] - by_cell[(s, n, c, seed, reference)][metric]
-                for (s, n, c, seed, m), row in by_cell.items()
-                if (s, n, m) == (setting, noise, method) and (s, n, c, seed, reference) in by_cell
-            }
-            if not diffs:
-                continue
-            paired = sorted({c for c, _ in diffs})  # a seed counts when it has every one of them
-            seeds_ = sorted({seed for _, seed in diffs})
-            complete = [seed for seed in seeds_ if all((c, seed) in diffs for c in paired)]
-            per_seed = [np.mean([diffs[(c, seed)] for c in paired]) for seed in complete]
-            seed_text = mean_std(per_seed, True) if len(per_seed) > 1 else "-"
-            values = list(diffs.values())
-            difference = f"{mean_std(values, True)} | {min(values):+.3f} | {len(per_seed)} | {seed_text}"
-            print(f"| {setting} | {noise:g} | {method} | {len(diffs)} | {difference} |")
+        paired_table(by_cell, order, metric, reference)
+
+
+def paired_table(by_cell: dict, order: list[tuple], metric: str, reference: str) -> None:
+    """Each method minus ``reference`` on the same cell (setting, noise, category, seed); a
+    ``reference`` spelt ``METHOD@clean`` pairs every cell with METHOD's clean cell of the same
+    category and seed instead (issue 13's "CDD-noisy >= RD-clean")."""
+    method_of, clean = reference.removesuffix("@clean"), reference.endswith("@clean")
+    what = (
+        f"{method_of}'s clean cell of the same category and seed"
+        if clean
+        else f"{reference} on the same cell"
+    )
+    print(
+        f"\nPaired differences in {metric}, method minus {what}: mean +- std "
+        "over cells; per seed: the mean over categories, over the seeds that have every paired category\n"
+    )
+    print(
+        "| setting | noise | method | cells | difference | worst | seeds | per seed |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|"
+    )
+    for setting, noise, method in order:
+        if method == method_of and (not clean or noise == 0):
+            continue
+        diffs = {}
+        for (s, n, c, seed, m), row in by_cell.items():
+            partner = ("clean", 0.0, c, seed, method_of) if clean else (s, n, c, seed, reference)
+            if (s, n, m) == (setting, noise, method) and partner in by_cell:
+                diffs[(c, seed)] = row[metric] - by_cell[partner][metric]
+        if not diffs:
+            continue
+        paired = sorted({c for c, _ in diffs})  # a seed counts when it has every one of them
+        seeds_ = sorted({seed for _, seed in diffs})
+        complete = [seed for seed in seeds_ if all((c, seed) in diffs for c in paired)]
+        per_seed = [np.mean([diffs[(c, seed)] for c in paired]) for seed in complete]
+        seed_text = mean_std(per_seed, True) if len(per_seed) > 1 else "-"
+        values = list(diffs.values())
+        difference = f"{mean_std(values, True)} | {min(values):+.3f} | {len(per_seed)} | {seed_text}"
+        print(f"| {setting} | {noise:g} | {method} | {len(diffs)} | {difference} |")
 
 
 def main() -> None:
@@ -407,10 +421,19 @@ def main() -> None:
         default=["rd"],
         help="--report: paired differences against (with several sizes or teachers: e.g. rd@128/lite0)",
     )
+    parser.add_argument(
+        "--clean-reference",
+        nargs="+",
+        default=[],
+        help="--report: paired differences of every cell against this method's clean cell of the same "
+        "category and seed (e.g. rd: CDD-noisy minus RD-clean)",
+    )
     parser.add_argument("--metric", default="image_auroc", help="--report: metric of the detail tables")
     args = parser.parse_args()
     if args.report:
-        report(args.out, args.reference, args.metric, args.seeds, args.noise, args.settings)
+        report(
+            args.out, args.reference, args.metric, args.seeds, args.noise, args.settings, args.clean_reference
+        )
         return
     args.settings = args.settings or list(SETTINGS)
     args.noise = args.noise if args.noise is not None else [0.0, 0.2]
