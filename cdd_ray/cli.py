@@ -181,16 +181,15 @@ def _export(args: argparse.Namespace, console: Console) -> None:
 
 def _sweep(args: argparse.Namespace, console: Console) -> None:
     from cdd_ray.tune.spec import load_sweep
-    from cdd_ray.tune.sweep import check_resume, run_sweep, sweep_record
+    from cdd_ray.tune.sweep import check_resume, experiment_dir, run_sweep, sweep_record
 
     spec = load_sweep(Path(args.spec), args.overrides)
     if args.dry_run:
         base = load_config(spec.base_config, spec.overrides)
         check_local_resources(base)
         if args.resume:
-            sweep_dir = Path(spec.storage_path).resolve() / spec.name
-            check_resume(sweep_dir, sweep_record(spec, absolute_paths(base)), console)
-            console.print(f"--resume: the settings match {sweep_dir}'s experiment")
+            check_resume(experiment_dir(spec), sweep_record(spec, absolute_paths(base)), console)
+            console.print(f"--resume: the settings match {experiment_dir(spec)}'s experiment")
         console.print(f"sweep {spec.name}: space {spec.search_space}, objective {spec.metric} ({spec.mode})")
         console.print("sweep and base configuration valid; --dry-run: nothing started")
         return
@@ -199,8 +198,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> None:
 
 
 def _grid(args: argparse.Namespace, console: Console) -> None:
-    from cdd_ray.tune.grid import grid_record, load_grid, method_costs, run_grid
-    from cdd_ray.tune.sweep import check_resume
+    from cdd_ray.tune.grid import check_grid_resume, grid_record, load_grid, method_costs, run_grid
+    from cdd_ray.tune.sweep import experiment_dir
 
     spec = load_grid(Path(args.spec), args.overrides)
     if args.dry_run:
@@ -214,9 +213,8 @@ def _grid(args: argparse.Namespace, console: Console) -> None:
             f"grid {spec.name}: {cells * len(spec.methods)} runs, started in this order: {', '.join(order)}"
         )
         if args.resume:
-            grid_dir = Path(spec.storage_path).resolve() / spec.name
-            check_resume(grid_dir, grid_record(spec, base), console)
-            console.print(f"--resume: the settings match {grid_dir}'s experiment")
+            check_grid_resume(spec, grid_record(spec, base), console)  # what run_grid checks
+            console.print(f"--resume: the data and settings match {experiment_dir(spec)}'s experiment")
         console.print("grid and method configurations valid; --dry-run: nothing started")
         return
     outcome = run_grid(spec, resume=args.resume, console=console)

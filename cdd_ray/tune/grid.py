@@ -47,6 +47,7 @@ from cdd_ray.ray_session import ensure_ray
 from cdd_ray.tune.spec import _read_yaml, resolve_base_config
 from cdd_ray.tune.sweep import (
     check_resume,
+    experiment_dir,
     experiment_record,
     fit_trials,
     trial_setup,
@@ -189,6 +190,26 @@ def grid_record(spec: GridSpec, base: Config) -> dict:
     return experiment_record(base, ("data.path", "data.category", "train.seed"), **cells_of)
 
 
+def check_grid_resume(spec: GridSpec, record: dict, console: Console) -> None:
+    """Before a grid's resume starts Ray: its data were prepared from this grid file's source and
+    categories (restored trials keep the data paths they started with), and ``record``
+    (``grid_record``) is the one it started with (``check_resume``).
+
+    Raises:
+        ConfigError: another source or category list, or other settings; names what differs.
+        FileNotFoundError: nothing to resume.
+    """
+    grid_dir = experiment_dir(spec)
+    if not (data_dir(spec, grid_dir) / "source.json").is_file():
+        raise ConfigError(
+            f"{grid_dir}: no data prepared for this grid file's source and categories "
+            f"(data/{source_key(spec)} is missing): the grid was started with another source, or "
+            "before grid data were keyed by source; --resume continues a grid only with the grid file it "
+            "started with. Run it without --resume under a new name or storage_path."
+        )
+    check_resume(grid_dir, record, console)
+
+
 def grid_cells(spec: GridSpec, stores: dict[tuple, Path], costs: dict[str, int] | None = None) -> list[dict]:
     """One Tune trial per (category, noise, overlap, seed, method); with ``costs`` (``method_costs``)
     the costliest methods' trials come first (Tune starts a grid's trials in this order), ties in the
@@ -249,21 +270,12 @@ def run_grid(
     spec: GridSpec, resume: bool = False, console: Console | None = None, print_table: bool = True
 ) -> dict:
     console = console or Console()
-    grid_dir = Path(spec.storage_path).resolve() / spec.name
-    if resume and not (data_dir(spec, grid_dir) / "source.json").is_file():
-        # restored trials keep the data paths they were started with; refuse to pair them with a
-        # grid file whose source (or category list) is not the one they ran on
-        raise ConfigError(
-            f"{grid_dir}: no data prepared for this grid file's source and categories "
-            f"(data/{source_key(spec)} is missing): the grid was started with another source, or "
-            "before grid data were keyed by source; --resume continues a grid only with the grid file it "
-            "started with. Run it without --resume under a new name or storage_path."
-        )
+    grid_dir = experiment_dir(spec)
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
     costs = method_costs(spec, base)  # checks every method's overrides before Ray starts
     record = grid_record(spec, base)
     if resume:
-        check_resume(grid_dir, record, console)
+        check_grid_resume(spec, record, console)
     ensure_ray()
     console.print(f"grid directory: {grid_dir}")
     stores = prepare_stores(spec, grid_dir, console)

@@ -109,6 +109,11 @@ def _flatten(values, prefix: str = "") -> dict:
     return flat
 
 
+def experiment_dir(spec) -> Path:
+    """``<storage_path>/<name>`` (resolved) of a sweep or grid spec: its experiment's folder."""
+    return Path(spec.storage_path).resolve() / spec.name
+
+
 def experiment_record(base: Config, trial_keys: tuple[str, ...] = (), **parts) -> dict:
     """What an experiment's trials are built from, as JSON: ``base`` (the resolved config) without
     the keys every trial sets itself (``name`` and ``ray.storage_path``, and ``trial_keys``, dotted),
@@ -236,8 +241,7 @@ def fit_trials(
 def run_sweep(spec: SweepSpec, resume: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
-    storage = Path(spec.storage_path).resolve()
-    sweep_dir = storage / spec.name
+    sweep_dir = experiment_dir(spec)
     record = sweep_record(spec, base)
     if resume:
         check_resume(sweep_dir, record, console)  # before Ray starts
