@@ -134,37 +134,54 @@ class TargetCache:
     later ones read it instead of running the K domain students again (one forward pass each per
     step saved). A row's targets are those of the batch it was first computed in; the same
     computation in another batch of the same size gives the same numbers on CPU (a batch of another
-    size may differ in the last bits). Memory: as much as the teacher-feature cache of those rows.
+    size may differ in the last bits). Memory: as much as the teacher-feature cache of the rows it
+    may hold.
 
-    ``rows``: how many rows the positions index (positions lie in [0, rows)).
+    ``rows``: how many rows the positions index (positions lie in [0, rows)); ``cached`` (N,): the
+    positions it may hold (None: all ``rows``; a Ray worker passes its shard's, the rows its
+    aggregation steps read, not those of the domains it owns). Rows outside ``cached`` are never
+    hits and are not kept.
     """
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, cached: torch.Tensor | None = None):
         self.rows = rows
+        self.slot = torch.arange(rows) if cached is None else torch.full((rows,), -1, dtype=torch.int64)
+        if cached is not None:
+            self._check(cached)
+            self.slot[cached] = torch.arange(len(cached))
+        self.size = rows if cached is None else len(cached)
         self.store: Features | None = None
-        self.filled = torch.zeros(rows, dtype=torch.bool)
+        self.filled = torch.zeros(self.size, dtype=torch.bool)
 
     def get(self, positions: torch.Tensor) -> Features | None:
         """Targets of the rows at ``positions`` (B,), or None unless every one of them is filled."""
-        self._check(positions)
-        if self.store is None or not bool(self.filled[positions.cpu()].all()):
+        slots = self._slots(positions)
+        if self.store is None or bool((slots < 0).any()) or not bool(self.filled[slots].all()):
             return None
-        index = positions.to(self.store[0].device)
+        index = slots.to(self.store[0].device)
         return [level[index] for level in self.store]
 
     def put(self, positions: torch.Tensor, targets: Features) -> None:
-        """Keep ``targets`` (per level (B, C, H, W)) for the rows at ``positions`` (B,)."""
-        self._check(positions)
+        """Keep ``targets`` (per level (B, C, H, W)) for the rows at ``positions`` (B,) it may hold."""
+        slots = self._slots(positions)
+        kept = slots >= 0
+        if not bool(kept.any()):
+            return
         if self.store is None:
-            self.store = [level.new_empty((self.rows, *level.shape[1:])) for level in targets]
-        index = positions.to(self.store[0].device)
+            self.store = [level.new_empty((self.size, *level.shape[1:])) for level in targets]
+        index = slots[kept].to(self.store[0].device)
+        rows = kept.to(targets[0].device)
         for store, level in zip(self.store, targets, strict=True):
-            store[index] = level
-        self.filled[positions.cpu()] = True
+            store[index] = level[rows]
+        self.filled[slots[kept]] = True
 
     def clear(self) -> None:
         self.store = None
         self.filled.zero_()
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        self._check(positions)
+        return self.slot[positions.cpu()]
 
     def _check(self, positions: torch.Tensor) -> None:
         if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= self.rows):

@@ -197,6 +197,10 @@ class RankStream:
         """Rows the cache would hold: the shard and the owned domains (each row once)."""
         return len(self.index)
 
+    def positions(self, part: object) -> torch.Tensor:
+        """(N,) int64: the cache positions of ``part``'s rows (``SHARD`` or an owned domain's id)."""
+        return torch.as_tensor(sorted(self.index[sid] for sid in self.parts[part]), dtype=torch.int64)
+
     def fill_cache(self, teacher: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
         """Compute the teacher's features of every training row once (``CHUNK`` rows per forward,
         source order) and keep them on the device, indexed by row position."""
@@ -298,18 +302,19 @@ def cache_decision(
     return True, size_mb
 
 
-def target_cache_fits(features_mb: float, budget_mb: float, rank: int) -> bool:
-    """Whether a ``cdd_ray.train.engine.TargetCache`` (as large as the teacher-feature cache,
-    ``features_mb`` MiB) fits beside that cache within ``budget_mb`` MiB per worker
+def target_cache_fits(features_mb: float, targets_mb: float, budget_mb: float, rank: int) -> bool:
+    """Whether a ``cdd_ray.train.engine.TargetCache`` of ``targets_mb`` MiB (as large as the
+    teacher-feature cache of the rows it holds: the shard's) fits beside the teacher-feature cache
+    (``features_mb`` MiB: shard and owned domains) within ``budget_mb`` MiB per worker
     (``train.teacher_cache_mb``); logs the choice."""
-    if 2 * features_mb > budget_mb:
+    if features_mb + targets_mb > budget_mb:
         LOGGER.warning(
             "rank %d: pseudo-normal target cache off: it and the teacher cache would take %.0f MiB, "
             "over train.teacher_cache_mb=%.0f; the domain students run at every aggregation step",
             rank,
-            2 * features_mb,
+            features_mb + targets_mb,
             budget_mb,
         )
         return False
-    LOGGER.info("rank %d: pseudo-normal target cache on: %.0f MiB", rank, features_mb)
+    LOGGER.info("rank %d: pseudo-normal target cache on: %.0f MiB", rank, targets_mb)
     return True

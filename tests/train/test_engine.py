@@ -176,6 +176,21 @@ def test_target_cache_hits_only_filled_rows_and_a_domain_step_clears_it():
     assert cache.get(torch.tensor([1, 4])) is None
 
 
+def test_a_target_cache_of_some_rows_holds_only_those():
+    cache = TargetCache(6, cached=torch.tensor([4, 1]))
+    assert cache.size == 2
+    targets = [torch.rand(3, 3, 4, 4), torch.rand(3, 5, 2, 2)]
+    cache.put(torch.tensor([1, 2, 4]), targets)  # row 2 is not one it holds: not kept
+    assert cache.store[0].shape == (2, 3, 4, 4)  # room for the two rows only
+    got = cache.get(torch.tensor([4, 1]))
+    assert torch.equal(got[0], targets[0][[2, 0]]) and torch.equal(got[1], targets[1][[2, 0]])
+    assert cache.get(torch.tensor([1, 2])) is None
+    cache.put(torch.tensor([2]), [t[:1] for t in targets])  # nothing it holds: no-op
+    assert cache.get(torch.tensor([2])) is None
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        TargetCache(6, cached=torch.tensor([0, 6]))
+
+
 def test_non_finite_loss_names_the_stage_and_domain():
     engine = make_engine(2)
     images = torch.rand(4, 3, 32, 32)

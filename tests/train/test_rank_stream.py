@@ -159,12 +159,25 @@ def test_the_cache_is_refused_above_its_budget_and_says_so(caplog):
     assert "cache on" in caplog.text and "train.teacher_cache=false" in caplog.text
 
 
-def test_the_target_cache_needs_room_for_twice_the_features(caplog):
+def test_the_target_cache_needs_room_beside_the_feature_cache(caplog):
     with caplog.at_level(logging.INFO, logger="cdd_ray.train"):
-        assert target_cache_fits(500.0, 1000.0, rank=0)
-        assert not target_cache_fits(501.0, 1000.0, rank=2)
-    assert "target cache on: 500 MiB" in caplog.text
-    assert "rank 2: pseudo-normal target cache off" in caplog.text and "1002 MiB" in caplog.text
+        assert target_cache_fits(600.0, 400.0, 1000.0, rank=0)
+        assert not target_cache_fits(600.0, 401.0, 1000.0, rank=2)
+    assert "target cache on: 400 MiB" in caplog.text
+    assert "rank 2: pseudo-normal target cache off" in caplog.text and "1001 MiB" in caplog.text
+
+
+def test_positions_are_those_the_parts_batches_carry():
+    """The target cache of a worker holds its shard's positions only: they must be the positions its
+    shard's batches carry (rank 0 of 2 owns domains whose rows reach past its shard)."""
+    given, images = make_rows(30, num_domains=3)
+    rows = rank_rows(given, 3, 0, 2)
+    stream = RankStream(block_source(given, images, 7, seed=3), rows, "cpu", 16)
+    assert rows.domains
+    for part in (SHARD, *rows.domains):
+        carried = torch.cat([b.positions for b in stream.ordered(part)])
+        assert torch.equal(stream.positions(part), carried.sort().values)
+    assert len(stream.positions(SHARD)) == 15 < stream.training_rows()
 
 
 @pytest.mark.parametrize("rows", range(1, 40))
