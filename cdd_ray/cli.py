@@ -198,20 +198,28 @@ def _sweep(args: argparse.Namespace, console: Console) -> None:
 
 
 def _grid(args: argparse.Namespace, console: Console) -> None:
-    from cdd_ray.tune.grid import check_grid_resume, grid_record, load_grid, method_costs, run_grid
+    from cdd_ray.tune.grid import (
+        cell_labels,
+        check_grid_resume,
+        grid_record,
+        load_grid,
+        method_configs,
+        run_grid,
+        trial_cost,
+    )
     from cdd_ray.tune.sweep import experiment_dir
 
     spec = load_grid(Path(args.spec), args.overrides)
     if args.dry_run:
         base = absolute_paths(load_config(spec.base_config, spec.overrides))
-        costs = method_costs(spec, base)  # names a method whose overrides are wrong
-        for overrides in spec.methods.values():
-            check_local_resources(load_config(spec.base_config, [*spec.overrides, *overrides]))
-        cells = len(spec.categories) * len(spec.noise_ratios) * len(spec.overlap) * len(spec.seeds)
-        order = sorted(spec.methods, key=lambda method: -costs[method])
-        console.print(
-            f"grid {spec.name}: {cells * len(spec.methods)} runs, started in this order: {', '.join(order)}"
+        configs = method_configs(spec, base)  # names a method whose overrides are wrong
+        for config in configs.values():
+            check_local_resources(config)
+        order = sorted(spec.methods, key=lambda method: -trial_cost(configs[method]))
+        runs = f"{len(cell_labels(spec))} runs" + (
+            f" ({len(spec.exclude)} exclude entries)" if spec.exclude else ""
         )
+        console.print(f"grid {spec.name}: {runs}, started in this order: {', '.join(order)}")
         if args.resume:
             check_grid_resume(spec, grid_record(spec, base), console)  # what run_grid checks
             console.print(f"--resume: the data and settings match {experiment_dir(spec)}'s experiment")
@@ -374,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--epochs",
         type=int,
-        help="RD's and CDD's train.epochs (default: cdd_ray.demo.DEMO_EPOCHS, 50, to stay under "
-        "5 minutes on 2 cores; the shipped train.epochs is 100)",
+        help="RD's and CDD's train.epochs (default: the shipped train.epochs, 100)",
     )
     demo.set_defaults(handler=_demo)
 

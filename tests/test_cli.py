@@ -3,7 +3,7 @@ import json
 import pandas as pd
 
 from cdd_ray.cli import main
-from cdd_ray.config import ConfigError
+from cdd_ray.config import ConfigError, TrainConfig
 from cdd_ray.demo import demo_spec
 from cdd_ray.tune.grid import source_key
 
@@ -43,27 +43,31 @@ def test_prepare_synthetic_from_the_command_line(tmp_path, capsys):
 
 def test_demo_quick_runs_a_grid_of_four_methods_with_reports_and_a_summary(ray_session, tmp_path):
     """The demo is a `cdd-ray grid` (photo source, in-process trials): this also covers the grid's
-    stores, summaries and error count."""
+    stores, summaries, error count and ``exclude`` (no clean CDD trial)."""
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "demo.json").read_text())
     for method in ("rd", "cdd", "patchcore", "softpatch"):
-        assert {"image_auroc_clean", "image_auroc_noisy", "aupro_clean", "aupro_noisy"} <= set(result[method])
-        assert all(0 <= value <= 1 for value in result[method].values())
+        assert set(result[method]) == {"image_auroc_clean", "image_auroc_noisy", "aupro_clean", "aupro_noisy"}
+        values = [v for k, v in result[method].items() if not (method == "cdd" and k.endswith("_clean"))]
+        assert all(0 <= value <= 1 for value in values)
+    assert result["cdd"]["image_auroc_clean"] is None and result["cdd"]["aupro_clean"] is None
     grid = tmp_path / "demo"
-    assert json.loads((grid / "grid.json").read_text()) == {"cells": 8, "errors": 0}
+    assert json.loads((grid / "grid.json").read_text()) == {"cells": 7, "errors": 0}
     data = grid / "data" / source_key(demo_spec(tmp_path, quick=True))
     assert json.loads((data / "source.json").read_text())["source"]["image_size"] == 64
     stores = sorted(p.name for p in (data / "stores").iterdir())
     assert stores == ["noise0-overlap1-seed0", "noise0.2-overlap1-seed0"]
     summary = pd.read_parquet(grid / "summary.parquet")
-    assert len(summary) == 8 and summary["image_auroc_count"].eq(1).all()
+    assert len(summary) == 7 and summary["image_auroc_count"].eq(1).all()
+    assert summary[summary["method"] == "cdd"]["noise"].tolist() == [0.2]
     table = (grid / "summary.md").read_text()
     assert table.splitlines()[4].startswith("| rd (clean reference) | 0 | True |")
     assert "| softpatch | 0.2 | True |" in table and "| patchcore | 0 | True |" in table
+    assert "| cdd | 0 |" not in table and "| cdd | 0.2 | True |" in table
     assert (grid / "summary.html").read_text().count("data:image/png;base64") == 1
     reports = list((grid / "runs").glob("*/report.html"))
-    assert len(reports) == 8  # 4 methods x clean and noisy
-    # longest first: both CDD trials start before RD's, every trained trial before any memory bank's
+    assert len(reports) == 7  # 4 methods x clean and noisy, less CDD's clean trial
+    # longest first: the CDD trial starts before RD's, every trained trial before any memory bank's
     # (two trial slots: concurrent_trials on the session's 2 CPUs at one CPU per in-process trial)
     started = pd.read_parquet(grid / "trials.parquet").groupby("method")["trial_started"]
     assert started.max()["cdd"] < started.min()["rd"]
@@ -79,7 +83,7 @@ def test_demo_epochs_reach_the_grid_and_the_quick_demo_trains_one(tmp_path, monk
     def epochs_of(spec) -> int:
         return load_config(None, spec.overrides).train.epochs
 
-    assert epochs_of(demo_spec(tmp_path, quick=False)) == cdd_ray.demo.DEMO_EPOCHS
+    assert epochs_of(demo_spec(tmp_path, quick=False)) == TrainConfig().epochs  # the shipped default
     assert epochs_of(demo_spec(tmp_path, quick=False, epochs=7)) == 7
     assert epochs_of(demo_spec(tmp_path, quick=True, epochs=7)) == 1
     with pytest.raises(ConfigError, match="demo --epochs"):
@@ -89,4 +93,4 @@ def test_demo_epochs_reach_the_grid_and_the_quick_demo_trains_one(tmp_path, monk
     assert main(["demo", "--epochs", "100", "--out", str(tmp_path)]) == 0
     assert seen["epochs"] == 100 and seen["quick"] is False
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    assert seen["epochs"] is None  # run_demo then trains DEMO_EPOCHS
+    assert seen["epochs"] is None  # run_demo then trains the shipped default

@@ -21,6 +21,8 @@ A grid file::
     overlap: [false]
     seeds: [0, 1, 2]
     methods: {rd: [train.num_domains=1], cdd: [train.num_domains=2]}
+    exclude: [{method: cdd, noise: 0.0}]           # optional: leave out the cells that match every
+                                                   # key of an entry (here CDD on clean data)
     storage_path: grids_out
 """
 
@@ -71,6 +73,9 @@ class GridSpec:
     overrides: list[str] = field(default_factory=list)
     storage_path: str = "grids_out"
     max_concurrent_trials: int | None = None
+    # cells left out: each entry maps some of GRID_LABELS to a value; a cell matching every key of
+    # any entry is not run (e.g. [{method: cdd, noise: 0.0}]); checked by ``check_exclude``
+    exclude: list[dict] = field(default_factory=list)
 
 
 def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
@@ -84,7 +89,61 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
     values.setdefault("name", Path(path).stem)
     values["base_config"] = resolve_base_config(values.get("base_config"), path)
     values["overrides"] = list(values.get("overrides") or []) + list(extra_overrides or [])
-    return GridSpec(**values)
+    values["exclude"] = list(values.get("exclude") or [])
+    spec = GridSpec(**values)
+    check_exclude(spec, where=str(path))
+    return spec
+
+
+def _grid_values(spec: GridSpec) -> dict[str, list]:
+    return {
+        "category": list(spec.categories),
+        "noise": list(spec.noise_ratios),
+        "overlap": list(spec.overlap),
+        "seed": list(spec.seeds),
+        "method": list(spec.methods),
+    }
+
+
+def check_exclude(spec: GridSpec, where: str = "grid") -> None:
+    """Every ``exclude`` entry is a non-empty mapping of grid labels to values the grid has (a
+    misspelt key or a value the grid lacks would exclude nothing, silently), and some cell is left.
+
+    Raises:
+        ConfigError: names ``<where>: exclude[i]`` and the key or value at fault.
+    """
+    if not isinstance(spec.exclude, list):
+        raise ConfigError(f"{where}: exclude must be a list of mappings, got {spec.exclude!r}")
+    values = _grid_values(spec)
+    for i, entry in enumerate(spec.exclude):
+        if not isinstance(entry, dict) or not entry:
+            raise ConfigError(f"{where}: exclude[{i}] must be a non-empty mapping of grid labels: {entry!r}")
+        for key, value in entry.items():
+            if key not in values:
+                raise ConfigError(f"{where}: exclude[{i}]: unknown key {key!r} (one of {', '.join(values)})")
+            if value not in values[key]:
+                raise ConfigError(
+                    f"{where}: exclude[{i}]: {key} {value!r} is not among the grid's {values[key]}"
+                )
+    if not cell_labels(spec):
+        raise ConfigError(f"{where}: exclude leaves no cell to run")
+
+
+def cell_labels(spec: GridSpec) -> list[dict]:
+    """The labels of the grid's cells (category, noise, overlap, seed, method) that ``exclude``
+    leaves in, in the grid file's order."""
+    return [labels for labels in _all_labels(spec) if not _excluded(spec, labels)]
+
+
+def _all_labels(spec: GridSpec):
+    for category, noise, overlap, seed, method in itertools.product(
+        spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods
+    ):
+        yield {"category": category, "noise": noise, "overlap": overlap, "seed": seed, "method": method}
+
+
+def _excluded(spec: GridSpec, labels: dict) -> bool:
+    return any(all(labels[key] == value for key, value in entry.items()) for entry in spec.exclude)
 
 
 def source_key(spec: GridSpec) -> str:
@@ -171,22 +230,30 @@ def trial_cost(config: Config) -> int:
     return config.train.epochs * (1 if config.train.num_domains == 1 else 2)
 
 
-def method_costs(spec: GridSpec, base: Config) -> dict[str, int]:
-    """``trial_cost`` of each of the grid's methods; applying their overrides to ``base`` checks them,
-    so a misspelt method override is a ``ConfigError`` naming the key before any trial starts."""
-    costs = {}
+def method_configs(spec: GridSpec, base: Config) -> dict[str, Config]:
+    """Each of the grid's methods' config: its overrides applied to ``base``; a misspelt method
+    override is a ``ConfigError`` naming the method and the key before any trial starts."""
+    configs = {}
     for method, overrides in spec.methods.items():
         try:
-            costs[method] = trial_cost(with_overrides(base, overrides))
+            configs[method] = with_overrides(base, overrides)
         except ConfigError as error:
             raise ConfigError(f"grid method {method!r}: {error}") from error
-    return costs
+    return configs
+
+
+def method_costs(spec: GridSpec, base: Config) -> dict[str, int]:
+    """``trial_cost`` of each of the grid's methods (``method_configs``, which checks them)."""
+    return {method: trial_cost(config) for method, config in method_configs(spec, base).items()}
 
 
 def grid_record(spec: GridSpec, base: Config) -> dict:
     """``experiment_record`` of a grid: its base config (less the data path, category and seed each
-    cell sets) and its methods, categories, noise ratios, overlaps and seeds."""
+    cell sets) and its methods, categories, noise ratios, overlaps and seeds, and its ``exclude`` when
+    it has one (so a grid started before ``exclude`` existed still resumes)."""
     cells_of = {k: getattr(spec, k) for k in ("methods", "categories", "noise_ratios", "overlap", "seeds")}
+    if spec.exclude:
+        cells_of["exclude"] = spec.exclude
     return experiment_record(base, ("data.path", "data.category", "train.seed"), **cells_of)
 
 
@@ -211,20 +278,17 @@ def check_grid_resume(spec: GridSpec, record: dict, console: Console) -> None:
 
 
 def grid_cells(spec: GridSpec, stores: dict[tuple, Path], costs: dict[str, int] | None = None) -> list[dict]:
-    """One Tune trial per (category, noise, overlap, seed, method); with ``costs`` (``method_costs``)
-    the costliest methods' trials come first (Tune starts a grid's trials in this order), ties in the
-    grid file's order."""
+    """One Tune trial per (category, noise, overlap, seed, method) that ``spec.exclude`` leaves in;
+    with ``costs`` (``method_costs``) the costliest methods' trials come first (Tune starts a grid's
+    trials in this order), ties in the grid file's order."""
     cells = []
-    for category, noise, overlap, seed, method in itertools.product(
-        spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods
-    ):
+    for labels in cell_labels(spec):
         overrides = [
-            *spec.methods[method],
-            f"data.path={stores[(noise, overlap, seed)]}",
-            f"data.category={category}",
-            f"train.seed={seed}",
+            *spec.methods[labels["method"]],
+            f"data.path={stores[(labels['noise'], labels['overlap'], labels['seed'])]}",
+            f"data.category={labels['category']}",
+            f"train.seed={labels['seed']}",
         ]
-        labels = {"category": category, "noise": noise, "overlap": overlap, "seed": seed, "method": method}
         cells.append({"overrides": overrides, "labels": labels})
     if costs is not None:
         cells.sort(key=lambda cell: -costs[cell["labels"]["method"]])  # stable: ties keep their order
@@ -271,6 +335,7 @@ def run_grid(
 ) -> dict:
     console = console or Console()
     grid_dir = experiment_dir(spec)
+    check_exclude(spec)
     base = absolute_paths(load_config(spec.base_config, spec.overrides))
     costs = method_costs(spec, base)  # checks every method's overrides before Ray starts
     record = grid_record(spec, base)

@@ -12,6 +12,7 @@ from rich.console import Console
 from cdd_ray.config import ConfigError, TrainConfig, absolute_paths, load_config
 from cdd_ray.tune.grid import (
     GridSpec,
+    cell_labels,
     grid_cells,
     grid_record,
     load_grid,
@@ -165,6 +166,45 @@ def test_grid_cells_put_the_costliest_methods_first_and_bad_method_overrides_are
     typo = GridSpec(**{**spec.__dict__, "methods": {**methods, "cdd": ["train.num_domain=2"]}})
     with pytest.raises(ConfigError, match=r"grid method 'cdd': unknown config key 'train.num_domain'"):
         method_costs(typo, base)
+
+
+def test_grid_exclude_leaves_out_matching_cells_and_names_a_bad_entry(tmp_path):
+    base = {
+        "categories": ["a", "b"],
+        "noise_ratios": [0.0, 0.2],
+        "seeds": [0, 1],
+        "methods": {"rd": ["train.num_domains=1"], "cdd": ["train.num_domains=2"]},
+    }
+    spec = load_grid(write_yaml(tmp_path / "g.yaml", {**base, "exclude": [{"method": "cdd", "noise": 0}]}))
+    stores = {(noise, False, seed): Path(f"/s{noise}-{seed}") for noise in (0.0, 0.2) for seed in (0, 1)}
+    labels = [cell["labels"] for cell in grid_cells(spec, stores)]
+    assert len(labels) == 12  # 16 cells less CDD's 4 clean ones; 0 in the file matches the grid's 0.0
+    assert {(c["method"], c["noise"]) for c in labels} == {("rd", 0.0), ("rd", 0.2), ("cdd", 0.2)}
+    assert cell_labels(spec) == labels
+    two_keys = GridSpec(**{**spec.__dict__, "exclude": [{"method": "rd", "seed": 1}, {"category": "b"}]})
+    assert {(c["category"], c["method"], c["seed"]) for c in cell_labels(two_keys)} == {
+        ("a", "rd", 0),
+        ("a", "cdd", 0),
+        ("a", "cdd", 1),
+    }
+    # the record holds exclude only when there is one: a grid started before exclude existed resumes
+    config = load_config(None, [])
+    assert grid_record(spec, config)["exclude"] == [{"method": "cdd", "noise": 0}]
+    assert "exclude" not in grid_record(GridSpec(**{**spec.__dict__, "exclude": []}), config)
+    bad = {
+        "methd": r"exclude\[0\]: unknown key 'methd'",
+        "noise": r"exclude\[0\]: noise 0.1 is not among the grid's \[0.0, 0.2\]",
+        "method": r"exclude\[0\]: method 'cd' is not among",
+    }
+    values = {"methd": "cdd", "noise": 0.1, "method": "cd"}
+    for key, message in bad.items():
+        path = write_yaml(tmp_path / f"bad_{key}.yaml", {**base, "exclude": [{key: values[key]}]})
+        with pytest.raises(ConfigError, match=rf"bad_{key}.yaml: {message}"):
+            load_grid(path)
+    with pytest.raises(ConfigError, match=r"exclude\[1\] must be a non-empty mapping"):
+        load_grid(write_yaml(tmp_path / "empty.yaml", {**base, "exclude": [{"seed": 0}, {}]}))
+    with pytest.raises(ConfigError, match="exclude leaves no cell to run"):
+        load_grid(write_yaml(tmp_path / "all.yaml", {**base, "exclude": [{"seed": 0}, {"seed": 1}]}))
 
 
 def started_experiment(directory: Path, record: dict | None) -> Path:
