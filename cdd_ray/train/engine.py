@@ -179,6 +179,12 @@ class TargetCache:
         self.store = None
         self.filled.zero_()
 
+    def megabytes(self) -> float:
+        """MiB the targets take now (0 before the first ``put`` and after ``clear``)."""
+        if self.store is None:
+            return 0.0
+        return sum(level.numel() * level.element_size() for level in self.store) / 2**20
+
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         self._check(positions)
         return self.slot[positions.cpu()]

@@ -19,8 +19,9 @@ Each rank reads only its own rows (``cdd_ray.data.sharding``: its shard, its dom
 ids), streamed from its dataset on every pass and shuffled in a window (``cdd_ray.train.rank_stream``);
 images stay uint8 until the step. The frozen teacher's features are cached when they fit
 ``train.teacher_cache_mb`` per worker (the choice is logged and reported as ``teacher_cache_mb``);
-under the ``sequential`` schedule with K > 1, so are the pseudo-normal targets when both fit that
-budget (``target_cache_fits``: the frozen domain students then run in the first aggregation epoch only).
+under the ``sequential`` schedule with K > 1, so are the pseudo-normal targets of the rank's shard
+when both fit that budget (``target_cache_fits``: the frozen domain students then run in the first
+aggregation epoch only; reported as ``target_cache_mb``, the most any rank holds).
 
 ``loop_config["trace_dir"]`` (tests and the fixed-cost benchmark) makes each rank log the sample
 ids of every batch and a digest of the global student's weights after each epoch.
@@ -534,6 +535,8 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
         metrics["images_per_second"] = _all_reduce(images_seen) / elapsed
         metrics["stage"] = "+".join(stage_names)
         metrics["teacher_cache_mb"] = cache_mb
+        held = engine.target_cache.megabytes() if engine.target_cache is not None else 0.0
+        metrics["target_cache_mb"] = _all_reduce(held, dist.ReduceOp.MAX)
         gauges.update(metrics)
         trace.mark("step_trained", step)
         last = step + 1 == len(stages)

@@ -146,6 +146,10 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
     state = load_global(checkpoint)
     assert state["epoch"] == 2 and state["steps_done"] == 4
     assert "pseudo-normal target cache on" in log.text
+    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    # one rank: its shard is every row, so the targets take what the teacher's features take
+    assert reports[-1]["target_cache_mb"] == pytest.approx(reports[-1]["teacher_cache_mb"], rel=1e-6)
+    assert all(r["target_cache_mb"] == 0 for r in reports if r["stage"] == "dst")
     cached_passes = len(target_passes)
     target_passes.clear()
     # A budget with room for the teacher's features but not for the targets too: the domain
@@ -171,6 +175,26 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
     for name, tensor in cached.items():
         if torch.is_floating_point(tensor):
             assert torch.allclose(tensor, computed[name], atol=1e-5), name
+
+
+def test_sequential_k2_on_two_workers_keeps_each_ranks_shard_targets(ray_session, tiny_store, tmp_path):
+    """The shipped schedule under DDP on two workers: domains isolated, ranks agreeing after every
+    step, and each rank's target cache holding its shard's rows only, fewer than its feature cache
+    (shard and the domain it trains: rank r trains domain r)."""
+    overrides = {
+        "train.num_domains": 2,
+        "train.schedule": "sequential",
+        "train.epochs": 2,
+        "name": "seq2",
+        "eval.score_test": "false",
+    }
+    config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
+    run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq2")
+    check_run(config, run_dir, checkpoint, metrics, events, world_size=2)
+    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    assert [r["stage"] for r in reports] == ["dst", "dst", "global", "global"]
+    assert 0 < reports[-1]["target_cache_mb"] < reports[-1]["teacher_cache_mb"]
+    assert reports[-1]["target_cache_mb"] == reports[-2]["target_cache_mb"]  # filled once, then read
 
 
 def test_training_batches_carry_no_labels(ray_session, tiny_store):
