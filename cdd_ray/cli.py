@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -215,10 +216,12 @@ def _grid(args: argparse.Namespace, console: Console) -> None:
         configs = method_configs(spec, base)  # names a method whose overrides are wrong
         for config in configs.values():
             check_local_resources(config)
-        order = sorted(spec.methods, key=lambda method: -trial_cost(configs[method]))
-        runs = f"{len(cell_labels(spec))} runs" + (
-            f" ({len(spec.exclude)} exclude entries)" if spec.exclude else ""
-        )
+        labels = cell_labels(spec)
+        running = [method for method in spec.methods if any(c["method"] == method for c in labels)]
+        order = sorted(running, key=lambda method: -trial_cost(configs[method]))
+        every = (spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods)
+        left_out = math.prod(map(len, every)) - len(labels)
+        runs = f"{len(labels)} runs" + (f" ({left_out} left out by exclude)" if spec.exclude else "")
         console.print(f"grid {spec.name}: {runs}, started in this order: {', '.join(order)}")
         if args.resume:
             check_grid_resume(spec, grid_record(spec, base), console)  # what run_grid checks
@@ -375,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     photos.set_defaults(handler=_photos)
 
     demo = commands.add_parser(
-        "demo", help="RD, CDD, PatchCore, SoftPatch on the photo benchmark, clean and 20%% contaminated"
+        "demo",
+        help="RD, CDD, PatchCore, SoftPatch on the photo benchmark, clean and 20%% contaminated "
+        "(CDD contaminated only)",
     )
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--quick", action="store_true", help="tiny images, sets and epochs (tests)")

@@ -68,7 +68,7 @@ class TrainConfig:
     schedule: str = "sequential"  # measured better than alternate (BENCHMARKS.md, follow-up grid)
     teacher_cache: bool = True
     # per worker; above it the features are computed per step (K > 1, sequential: the pseudo-normal
-    # targets are cached too when twice the features fit)
+    # targets of the worker's shard are cached too when they fit beside the features)
     teacher_cache_mb: float = 2048.0
     checkpoint_every: int = 1
     seed: int = 0

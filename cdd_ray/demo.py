@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cdd_ray.config import ConfigError, TrainConfig
+from cdd_ray.config import ConfigError, load_config
 from cdd_ray.data.store import write_json
 from cdd_ray.tune.grid import GridSpec, run_grid
 
@@ -90,7 +90,7 @@ def demo_table(summary, console: Console) -> dict:
         rows = summary[summary["method"] == method]
         clean, noisy = rows[rows["noise"] == 0], rows[rows["noise"] == DEMO_NOISE]
         values = {  # None where the demo leaves the cell out (CDD on clean data)
-            f"{metric}_{kind}": float(part[f"{metric}_mean"].mean()) if len(part) else None
+            f"{metric}_{kind}": _mean(part[f"{metric}_mean"])
             for metric in ("image_auroc", "aupro")
             for kind, part in (("clean", clean), ("noisy", noisy))
         }
@@ -109,8 +109,14 @@ def demo_table(summary, console: Console) -> dict:
     return results
 
 
+def _mean(values) -> float | None:
+    """The mean, or None (JSON null) where there is none (a cell left out, a metric that failed)."""
+    mean = float(values.mean()) if len(values) else math.nan
+    return None if math.isnan(mean) else mean
+
+
 def _cell(value: float | None, form: str = ".3f") -> str:
-    return "-" if value is None or math.isnan(value) else format(value, form)
+    return "-" if value is None else format(value, form)
 
 
 def run_demo(
@@ -131,7 +137,7 @@ def run_demo(
         "overlap": True,
         "categories": spec.categories,
         "quick": quick,
-        "epochs": 1 if quick else (epochs or TrainConfig().epochs),
+        "epochs": load_config(spec.base_config, spec.overrides).train.epochs,
         "grid": str(outcome["grid_dir"]),
     }
     write_json(out / "demo.json", summary)

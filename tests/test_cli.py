@@ -94,3 +94,55 @@ def test_demo_epochs_reach_the_grid_and_the_quick_demo_trains_one(tmp_path, monk
     assert seen["epochs"] == 100 and seen["quick"] is False
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert seen["epochs"] is None  # run_demo then trains the shipped default
+
+
+def test_demo_table_shows_a_cell_left_out_as_a_dash_and_null():
+    import io
+
+    from rich.console import Console
+
+    from cdd_ray.demo import DEMO_NOISE, demo_table
+
+    rows = [
+        {"method": m, "noise": n, "image_auroc_mean": 0.75 - n, "aupro_mean": 0.625 - n, "category": "lunar"}
+        for m in ("rd", "cdd", "patchcore", "softpatch")
+        for n in (0.0, DEMO_NOISE)
+        if not (m == "cdd" and n == 0.0)
+    ]
+    rows[-1]["aupro_mean"] = float("nan")  # a metric that failed: null in demo.json too
+    out = io.StringIO()
+    results = demo_table(pd.DataFrame(rows), Console(file=out, width=200))
+    assert results["cdd"] == {
+        "image_auroc_clean": None,
+        "aupro_clean": None,
+        "image_auroc_noisy": 0.55,
+        "aupro_noisy": 0.425,
+    }
+    assert results["rd"]["image_auroc_clean"] == 0.75 and results["softpatch"]["aupro_noisy"] is None
+    assert json.loads(json.dumps(results)) == results  # valid JSON: no NaN
+    cdd_line = next(line for line in out.getvalue().splitlines() if "cdd" in line)
+    cells = [cell.strip() for cell in cdd_line.split("│")]
+    assert cells[1:4] == ["cdd", "-", "0.550"] and cells[4] == "-", cdd_line  # method, clean, noisy, drop
+
+
+def test_grid_dry_run_counts_the_runs_exclude_leaves(tmp_path, capsys):
+    import yaml
+
+    grid = {
+        "categories": ["lunar", "tissue"],
+        "noise_ratios": [0.0, 0.2],
+        "seeds": [0],
+        "source": {"kind": "photos"},
+        "methods": {
+            "rd": ["train.num_domains=1"],
+            "cdd": ["train.num_domains=2"],
+            "pc": ["method=patchcore"],
+        },
+        "exclude": [{"method": "cdd", "noise": 0.0}, {"method": "pc"}],
+        "storage_path": str(tmp_path),
+    }
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
+    assert main(["grid", str(tmp_path / "g.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 12 cells, less CDD's 2 clean ones and PatchCore's 4; PatchCore runs nowhere, so it is not listed
+    assert "6 runs (6 left out by exclude), started in this order: cdd, rd" in " ".join(out.split())

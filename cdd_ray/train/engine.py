@@ -147,6 +147,7 @@ class TargetCache:
         self.rows = rows
         self.slot = torch.arange(rows) if cached is None else torch.full((rows,), -1, dtype=torch.int64)
         if cached is not None:
+            cached = cached.cpu().unique()
             self._check(cached)
             self.slot[cached] = torch.arange(len(cached))
         self.size = rows if cached is None else len(cached)
@@ -169,10 +170,11 @@ class TargetCache:
             return
         if self.store is None:
             self.store = [level.new_empty((self.size, *level.shape[1:])) for level in targets]
-        index = slots[kept].to(self.store[0].device)
-        rows = kept.to(targets[0].device)
+        every = bool(kept.all())  # a worker's aggregation batches: its shard's rows only
+        index = (slots if every else slots[kept]).to(self.store[0].device)
+        rows = None if every else kept.to(targets[0].device)
         for store, level in zip(self.store, targets, strict=True):
-            store[index] = level[rows]
+            store[index] = level if rows is None else level[rows]
         self.filled[slots[kept]] = True
 
     def clear(self) -> None:

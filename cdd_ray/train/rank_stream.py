@@ -198,7 +198,15 @@ class RankStream:
         return len(self.index)
 
     def positions(self, part: object) -> torch.Tensor:
-        """(N,) int64: the cache positions of ``part``'s rows (``SHARD`` or an owned domain's id)."""
+        """(N,) int64: the cache positions of ``part``'s rows (``SHARD`` or an owned domain's id).
+
+        Raises:
+            ValueError: ``HOLDOUT`` (held-out rows have no cache position) or a part the rank lacks.
+        """
+        if part == HOLDOUT or part not in self.parts:
+            raise ValueError(
+                f"no cache positions for part {part!r}: SHARD or one of {sorted(self.rows.domains)}"
+            )
         return torch.as_tensor(sorted(self.index[sid] for sid in self.parts[part]), dtype=torch.int64)
 
     def fill_cache(self, teacher: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:

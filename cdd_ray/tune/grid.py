@@ -89,7 +89,7 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
     values.setdefault("name", Path(path).stem)
     values["base_config"] = resolve_base_config(values.get("base_config"), path)
     values["overrides"] = list(values.get("overrides") or []) + list(extra_overrides or [])
-    values["exclude"] = list(values.get("exclude") or [])
+    values["exclude"] = values.get("exclude") or []  # a mapping or a string: check_exclude names it
     spec = GridSpec(**values)
     check_exclude(spec, where=str(path))
     return spec
@@ -121,7 +121,7 @@ def check_exclude(spec: GridSpec, where: str = "grid") -> None:
         for key, value in entry.items():
             if key not in values:
                 raise ConfigError(f"{where}: exclude[{i}]: unknown key {key!r} (one of {', '.join(values)})")
-            if value not in values[key]:
+            if not any(_same(value, known) for known in values[key]):
                 raise ConfigError(
                     f"{where}: exclude[{i}]: {key} {value!r} is not among the grid's {values[key]}"
                 )
@@ -143,7 +143,13 @@ def _all_labels(spec: GridSpec):
 
 
 def _excluded(spec: GridSpec, labels: dict) -> bool:
-    return any(all(labels[key] == value for key, value in entry.items()) for entry in spec.exclude)
+    return any(all(_same(labels[key], value) for key, value in entry.items()) for entry in spec.exclude)
+
+
+def _same(a, b) -> bool:
+    """Equal, with a YAML boolean never equal to a number (``seed: true`` is not seed 1; ``noise: 0``
+    is the grid's 0.0)."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
 def source_key(spec: GridSpec) -> str:
@@ -305,7 +311,8 @@ def summarize_grid(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """Rows per (method, noise, overlap), columns per category plus the mean; cells 'mean ± std'."""
+    """Rows per (method, noise, overlap), columns per category plus the mean; cells 'mean ± std',
+    '-' where the row has no such cell (its mean is then marked '*': over fewer categories)."""
     metric = "image_auroc"
     lines = []
     categories = sorted(summary["category"].unique())
@@ -314,6 +321,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
     rows = summary.sort_values(["noise", "method"], key=lambda c: c if c.name == "noise" else c != "rd")
     reference = rows[(rows["method"] == "rd") & (rows["noise"] == 0)]
     ordered = pd.concat([reference, rows.drop(reference.index)])
+    partial = False
     for (method, noise, overlap), part in ordered.groupby(["method", "noise", "overlap"], sort=False):
         cells = []
         for category in categories:
@@ -325,8 +333,16 @@ def markdown_table(summary: pd.DataFrame) -> str:
                 spread = "" if pd.isna(std) else f" ± {std:.3f}"
                 cells.append(f"{row[f'{metric}_mean'].iloc[0]:.3f}{spread}")
         label = f"{method} (clean reference)" if method == "rd" and noise == 0 else method
-        mean = part[f"{metric}_mean"].mean()
-        lines.append(f"| {label} | {noise:g} | {overlap} | " + " | ".join(cells) + f" | {mean:.3f} |")
+        mean = f"{part[f'{metric}_mean'].mean():.3f}"
+        if len(part) < len(categories):  # cells left out (exclude) or failed: not the other rows' mean
+            mean += "*"
+            partial = True
+        lines.append(f"| {label} | {noise:g} | {overlap} | " + " | ".join(cells) + f" | {mean} |")
+    if partial:
+        lines += [
+            "",
+            "\\* the mean over the categories the row has (its other cells were left out or failed)",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -178,6 +178,8 @@ def test_positions_are_those_the_parts_batches_carry():
         carried = torch.cat([b.positions for b in stream.ordered(part)])
         assert torch.equal(stream.positions(part), carried.sort().values)
     assert len(stream.positions(SHARD)) == 15 < stream.training_rows()
+    with pytest.raises(ValueError, match="no cache positions for part 'holdout'"):
+        stream.positions(HOLDOUT)
 
 
 @pytest.mark.parametrize("rows", range(1, 40))
