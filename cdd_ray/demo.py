@@ -30,7 +30,7 @@ from cdd_ray.tune.grid import GridSpec, run_grid
 DEMO_NOISE = 0.2
 DEMO_CATEGORIES = ("lunar",)  # one category keeps the demo under 5 minutes on 2 cores (BENCHMARKS.md)
 # the clean CDD trial is left out: at 100 epochs the demo took 375 s on 2 cores with it (both slots
-# busy to the end), an estimated ~260 s without it (README "Demo time" has the measured figure)
+# busy to the end), 206 s without it (README "Demo time", 2026-12-02)
 DEMO_EXCLUDE = ({"method": "cdd", "noise": 0.0},)
 METHODS = {
     "rd": ["train.num_domains=1"],
