@@ -203,6 +203,7 @@ def _grid(args: argparse.Namespace, console: Console) -> None:
         cell_labels,
         check_grid_resume,
         grid_record,
+        label_values,
         load_grid,
         method_configs,
         run_grid,
@@ -219,8 +220,7 @@ def _grid(args: argparse.Namespace, console: Console) -> None:
         labels = cell_labels(spec)
         running = [method for method in spec.methods if any(c["method"] == method for c in labels)]
         order = sorted(running, key=lambda method: -trial_cost(configs[method]))
-        every = (spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods)
-        left_out = math.prod(map(len, every)) - len(labels)
+        left_out = math.prod(map(len, label_values(spec).values())) - len(labels)
         runs = f"{len(labels)} runs" + (f" ({left_out} left out by exclude)" if spec.exclude else "")
         console.print(f"grid {spec.name}: {runs}, started in this order: {', '.join(order)}")
         if args.resume:

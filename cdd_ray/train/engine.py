@@ -145,10 +145,12 @@ class TargetCache:
 
     def __init__(self, rows: int, cached: torch.Tensor | None = None):
         self.rows = rows
-        self.slot = torch.arange(rows) if cached is None else torch.full((rows,), -1, dtype=torch.int64)
-        if cached is not None:
+        if cached is None:
+            self.slot = torch.arange(rows)  # position -> its row in the store (-1: not held)
+        else:
             cached = cached.cpu().unique()
             self._check(cached)
+            self.slot = torch.full((rows,), -1, dtype=torch.int64)
             self.slot[cached] = torch.arange(len(cached))
         self.size = rows if cached is None else len(cached)
         self.store: Features | None = None

@@ -453,10 +453,11 @@ def distillation_loop(config: Config, loop_config: dict, session, trace: Tracer)
     if use_cache and done < len(plan_stages(config)):  # nothing left to train: no cache to fill
         stream.fill_cache(engine.teacher_features)
         sequential = num_domains > 1 and config.train.schedule == "sequential"
-        shard = stream.positions(SHARD)  # the rows the aggregation steps read
-        targets_mb = cache_mb * len(shard) / max(1, stream.training_rows())
-        if sequential and target_cache_fits(cache_mb, targets_mb, config.train.teacher_cache_mb, rank):
-            engine.target_cache = TargetCache(stream.training_rows(), shard)
+        if sequential:
+            shard = stream.positions(SHARD)  # the rows the aggregation steps read
+            targets_mb = cache_mb * len(shard) / max(1, stream.training_rows())
+            if target_cache_fits(cache_mb, targets_mb, config.train.teacher_cache_mb, rank):
+                engine.target_cache = TargetCache(stream.training_rows(), shard)
     cache_mb = _all_reduce(cache_mb, dist.ReduceOp.MAX)
     # The same answer on every rank (the proxy gathers over all of them), even one without held-out rows.
     holdout = stream if config.data.holdout_fraction and loop_config["domain_manifest"]["holdout"] else None

@@ -95,14 +95,10 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None) -> GridSpec:
     return spec
 
 
-def _grid_values(spec: GridSpec) -> dict[str, list]:
-    return {
-        "category": list(spec.categories),
-        "noise": list(spec.noise_ratios),
-        "overlap": list(spec.overlap),
-        "seed": list(spec.seeds),
-        "method": list(spec.methods),
-    }
+def label_values(spec: GridSpec) -> dict[str, list]:
+    """Each of ``GRID_LABELS`` with the values the grid gives it (its cells are their product)."""
+    sequences = (spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods)
+    return {label: list(values) for label, values in zip(GRID_LABELS, sequences, strict=True)}
 
 
 def check_exclude(spec: GridSpec, where: str = "grid") -> None:
@@ -114,7 +110,7 @@ def check_exclude(spec: GridSpec, where: str = "grid") -> None:
     """
     if not isinstance(spec.exclude, list):
         raise ConfigError(f"{where}: exclude must be a list of mappings, got {spec.exclude!r}")
-    values = _grid_values(spec)
+    values = label_values(spec)
     for i, entry in enumerate(spec.exclude):
         if not isinstance(entry, dict) or not entry:
             raise ConfigError(f"{where}: exclude[{i}] must be a non-empty mapping of grid labels: {entry!r}")
@@ -136,10 +132,9 @@ def cell_labels(spec: GridSpec) -> list[dict]:
 
 
 def _all_labels(spec: GridSpec):
-    for category, noise, overlap, seed, method in itertools.product(
-        spec.categories, spec.noise_ratios, spec.overlap, spec.seeds, spec.methods
-    ):
-        yield {"category": category, "noise": noise, "overlap": overlap, "seed": seed, "method": method}
+    values = label_values(spec)
+    for cell in itertools.product(*values.values()):
+        yield dict(zip(values, cell, strict=True))
 
 
 def _excluded(spec: GridSpec, labels: dict) -> bool:
