@@ -4,6 +4,7 @@ A worker killed mid-epoch (Ray Train restarts the group from the last checkpoint
 two-node cluster, tests/test_multinode.py, after a killed driver's resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from cdd_ray.config import load_config
 from cdd_ray.train.checkpoint import CHECKPOINT_FORMAT_VERSION, GLOBAL_FILE, load_global
 from cdd_ray.train.run import (
+    PROGRESS_FILE,
     RAY_TRAIN_SNAPSHOT,
     RUN_FILE,
     RunDirError,
@@ -49,6 +51,43 @@ def test_non_finite_loss_names_epoch_stage_and_domain_and_keeps_the_last_good_ch
     assert str(run_dir) in str(caught.value)
     assert checkpoint_epochs(run_dir) == [1]
     assert load_global(latest_checkpoint(run_dir))["epoch"] == 1
+
+
+def test_a_sequential_run_stopped_during_aggregation_resumes_and_refills_its_target_cache(
+    tiny_store, tmp_path
+):
+    # Under `sequential` the first aggregation step fills the pseudo-normal target cache and the
+    # later ones read it. A run stopped after its second aggregation step resumes in a new engine
+    # with an empty cache: the resumed step must compute its targets again, not read unfilled
+    # slots, and end where the uninterrupted run ended (to float rounding: the targets now come
+    # from other batches). The stop is the state a crash leaves: the last checkpoint gone.
+    run = {
+        "train.num_domains": 2,
+        "train.schedule": "sequential",
+        "train.epochs": 3,
+        "train.checkpoint_every": 1,
+        "ray.num_workers": 0,
+    }
+    config = run_config(tmp_path, tiny_store, name="cut", **run)
+    run_dir, whole, _ = train(config)
+    whole_state = load_global(whole)
+    whole_reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    # steps 1-3 train the domain students, 4-6 the global one, the cache filled in step 4
+    assert [r["stage"] for r in whole_reports] == ["dst"] * 3 + ["global"] * 3
+    assert all(r["target_cache_mb"] > 0 for r in whole_reports[3:])
+    shutil.rmtree(whole)
+    assert load_global(latest_checkpoint(run_dir))["steps_done"] == 5
+    (run_dir / PROGRESS_FILE).write_text("".join(f"{json.dumps(r)}\n" for r in whole_reports[:5]))
+
+    _, resumed, _ = train(config)
+    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert reports[-1]["target_cache_mb"] == whole_reports[-1]["target_cache_mb"]
+    assert reports[-1]["loss_global"] == pytest.approx(whole_reports[-1]["loss_global"], rel=1e-5)
+    a, b = whole_state["global_student"], load_global(resumed)["global_student"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), f"{key} differs"
 
 
 def run_config(tmp_path: Path, tiny_store: Path, **extra):
