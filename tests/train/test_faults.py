@@ -1,4 +1,5 @@
-"""Faults survived and refused: a NaN loss, a run directory that does not fit, Ray's failure summaries.
+"""Faults survived and refused: a NaN loss, a sequential run stopped during aggregation and resumed,
+a run directory that does not fit, Ray's failure summaries.
 
 A worker killed mid-epoch (Ray Train restarts the group from the last checkpoint) is tested on the
 two-node cluster, tests/test_multinode.py, after a killed driver's resume."""
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from cdd_ray.config import load_config
-from cdd_ray.train.checkpoint import CHECKPOINT_FORMAT_VERSION, GLOBAL_FILE, load_global
+from cdd_ray.train.checkpoint import CHECKPOINT_FORMAT_VERSION, GLOBAL_FILE, checkpoints_in, load_global
+from cdd_ray.train.engine import CDDEngine
 from cdd_ray.train.run import (
     PROGRESS_FILE,
     RAY_TRAIN_SNAPSHOT,
@@ -54,32 +56,47 @@ def test_non_finite_loss_names_epoch_stage_and_domain_and_keeps_the_last_good_ch
 
 
 def test_a_sequential_run_stopped_during_aggregation_resumes_and_refills_its_target_cache(
-    tiny_store, tmp_path
+    tiny_store, tmp_path, monkeypatch
 ):
     # Under `sequential` the first aggregation step fills the pseudo-normal target cache and the
     # later ones read it. A run stopped after its second aggregation step resumes in a new engine
     # with an empty cache: the resumed step must compute its targets again, not read unfilled
-    # slots, and end where the uninterrupted run ended (to float rounding: the targets now come
-    # from other batches). The stop is the state a crash leaves: the last checkpoint gone.
+    # slots, and end where the uninterrupted run ended (to float rounding on the CPU: the targets
+    # now come from other batches). The stop is close to what a crash during the last step leaves:
+    # its checkpoint and its progress line gone.
     run = {
         "train.num_domains": 2,
         "train.schedule": "sequential",
         "train.epochs": 3,
         "train.checkpoint_every": 1,
         "ray.num_workers": 0,
+        "ray.use_gpu": "false",
     }
+    target_passes = []  # batches whose pseudo-normal targets the domain students computed
+    pseudo_normal = CDDEngine.pseudo_normal
+
+    def counted(engine, *args, **kwargs):
+        target_passes.append(1)
+        return pseudo_normal(engine, *args, **kwargs)
+
+    monkeypatch.setattr(CDDEngine, "pseudo_normal", counted)
     config = run_config(tmp_path, tiny_store, name="cut", **run)
     run_dir, whole, _ = train(config)
     whole_state = load_global(whole)
     whole_reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
-    # steps 1-3 train the domain students, 4-6 the global one, the cache filled in step 4
+    # steps 1-3 train the domain students, 4-6 the global one, the cache filled in step 4 only
     assert [r["stage"] for r in whole_reports] == ["dst"] * 3 + ["global"] * 3
     assert all(r["target_cache_mb"] > 0 for r in whole_reports[3:])
+    one_step_of_targets = len(target_passes)
+    assert one_step_of_targets > 0
+    target_passes.clear()
+    assert len(checkpoints_in(run_dir)) == 2  # session.KEEP_CHECKPOINTS: steps 5 and 6
     shutil.rmtree(whole)
     assert load_global(latest_checkpoint(run_dir))["steps_done"] == 5
     (run_dir / PROGRESS_FILE).write_text("".join(f"{json.dumps(r)}\n" for r in whole_reports[:5]))
 
     _, resumed, _ = train(config)
+    assert len(target_passes) == one_step_of_targets  # step 6 computed its targets again
     reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
     assert [r["step"] for r in reports] == [1, 2, 3, 4, 5, 6]
     assert reports[-1]["target_cache_mb"] == whole_reports[-1]["target_cache_mb"]
