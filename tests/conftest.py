@@ -3,6 +3,7 @@ two-worker Ray Train run that several tests check (the uninterrupted reference o
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,29 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cddray"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_BACKBONE = "test_resnet"
+
+
+def read_progress(run_dir: Path) -> list[dict]:
+    """The run's reports, one per step, in order (its ``progress.jsonl``)."""
+    from cdd_ray.train.run import PROGRESS_FILE
+
+    return [json.loads(line) for line in (Path(run_dir) / PROGRESS_FILE).read_text().splitlines()]
+
+
+def count_target_passes(monkeypatch) -> list:
+    """A list that grows by one each time ``CDDEngine.pseudo_normal`` runs in this process (the
+    domain students computing a batch's pseudo-normal targets: what the target cache saves)."""
+    from cdd_ray.train.engine import CDDEngine
+
+    passes: list = []
+    pseudo_normal = CDDEngine.pseudo_normal
+
+    def counted(engine, *args, **kwargs):
+        passes.append(1)
+        return pseudo_normal(engine, *args, **kwargs)
+
+    monkeypatch.setattr(CDDEngine, "pseudo_normal", counted)
+    return passes
 
 
 def pytest_collection_modifyitems(items):

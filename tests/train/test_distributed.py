@@ -16,9 +16,8 @@ from cdd_ray.data.sharding import rank_rows
 from cdd_ray.evaluate.scoring import load_detector, read_split_arrays
 from cdd_ray.models.detector import distance_scale
 from cdd_ray.train.checkpoint import load_domains, load_global
-from cdd_ray.train.engine import CDDEngine
-from cdd_ray.train.run import DOMAINS_FILE, PROGRESS_FILE, evaluate, latest_checkpoint, train
-from tests.conftest import tiny_overrides
+from cdd_ray.train.run import DOMAINS_FILE, evaluate, latest_checkpoint, train
+from tests.conftest import count_target_passes, read_progress, tiny_overrides
 
 
 def read_trace(trace_dir: Path) -> list[dict]:
@@ -77,9 +76,7 @@ def check_run(
         ids = [sid for e in events if e["stage"] == "global" and e["step"] == step for sid in e["sample_ids"]]
         assert len(ids) == len(set(ids)) <= len(manifest["assignment"]), f"step {step}"
         assert len(ids) >= len(manifest["assignment"]) - 2 * config.train.batch_size, f"step {step}"
-    reported = {
-        key for line in (run_dir / PROGRESS_FILE).read_text().splitlines() for key in json.loads(line)
-    }
+    reported = {key for report in read_progress(run_dir) for key in report}
     assert {f"loss_domain_{k}" for k in range(num_domains)} | {"loss_global", "images_per_second"} <= reported
     assert metrics["epoch"] == config.train.epochs
     # The checkpoint holds the global student and every domain student; it round-trips.
@@ -131,14 +128,7 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
         "ray.num_workers": 0,
     }
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
-    target_passes = []  # pseudo-normal target computations (the run is in this process)
-    pseudo_normal = CDDEngine.pseudo_normal
-
-    def counted(engine, *args, **kwargs):
-        target_passes.append(1)
-        return pseudo_normal(engine, *args, **kwargs)
-
-    monkeypatch.setattr(CDDEngine, "pseudo_normal", counted)
+    target_passes = count_target_passes(monkeypatch)  # the run is in this process
     with TrainLog() as log:
         run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq")
     check_run(config, run_dir, checkpoint, metrics, events, world_size=1)
@@ -147,7 +137,7 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
     state = load_global(checkpoint)
     assert state["epoch"] == 2 and state["steps_done"] == 4
     assert "pseudo-normal target cache on" in log.text
-    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    reports = read_progress(run_dir)
     # one rank: its shard is every row, so the targets take what the teacher's features take
     assert reports[-1]["target_cache_mb"] == pytest.approx(reports[-1]["teacher_cache_mb"], rel=1e-6)
     assert all(r["target_cache_mb"] == 0 for r in reports if r["stage"] == "dst")
@@ -156,9 +146,7 @@ def test_sequential_k2_domain_isolation_in_process(ray_session, tiny_store, tmp_
     # A budget with room for the teacher's features but not for the targets too: the domain
     # students run at every aggregation step, and the run trains (almost) the same student (a
     # batch of another size may compute a row's targets in other last bits: TargetCache)
-    features_mb = float(
-        json.loads((run_dir / PROGRESS_FILE).read_text().splitlines()[-1])["teacher_cache_mb"]
-    )
+    features_mb = float(read_progress(run_dir)[-1]["teacher_cache_mb"])
     tight = load_config(
         None,
         tiny_overrides(
@@ -192,7 +180,7 @@ def test_sequential_k2_on_two_workers_keeps_each_ranks_shard_targets(ray_session
     config = load_config(None, tiny_overrides(tiny_store, tmp_path / "runs", **overrides))
     run_dir, checkpoint, metrics, events = train_traced(config, tmp_path, "seq2")
     check_run(config, run_dir, checkpoint, metrics, events, world_size=2)
-    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    reports = read_progress(run_dir)
     assert [r["stage"] for r in reports] == ["dst", "dst", "global", "global"]
     # each cache as the rank's rows give it (every row the same bytes; the reports carry the ranks' most)
     assignment = json.loads((run_dir / DOMAINS_FILE).read_text())["assignment"]
@@ -281,7 +269,7 @@ def test_k3_round_robin_on_two_workers_then_evaluate_and_predict(two_worker_run,
     assert {e["rank"] for e in events if e["stage"] == "dst" and e["domain"] == 2} == {0}  # 2 mod 2 workers
     assert load_global(checkpoint)["epoch"] == 2
     assert latest_checkpoint(run_dir) == checkpoint
-    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    reports = read_progress(run_dir)
     assert [r["epoch"] for r in reports] == [1, 2]
 
     # the workers scored the test set; `cdd-ray evaluate` of the same checkpoint agrees

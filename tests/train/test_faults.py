@@ -13,7 +13,6 @@ import torch
 
 from cdd_ray.config import load_config
 from cdd_ray.train.checkpoint import CHECKPOINT_FORMAT_VERSION, GLOBAL_FILE, checkpoints_in, load_global
-from cdd_ray.train.engine import CDDEngine
 from cdd_ray.train.run import (
     PROGRESS_FILE,
     RAY_TRAIN_SNAPSHOT,
@@ -24,7 +23,7 @@ from cdd_ray.train.run import (
     latest_checkpoint,
     train,
 )
-from tests.conftest import TWO_WORKER_RUN, tiny_overrides
+from tests.conftest import TWO_WORKER_RUN, count_target_passes, read_progress, tiny_overrides
 
 
 def checkpoint_epochs(run_dir: Path) -> list[int]:
@@ -72,18 +71,11 @@ def test_a_sequential_run_stopped_during_aggregation_resumes_and_refills_its_tar
         "ray.num_workers": 0,
         "ray.use_gpu": "false",
     }
-    target_passes = []  # batches whose pseudo-normal targets the domain students computed
-    pseudo_normal = CDDEngine.pseudo_normal
-
-    def counted(engine, *args, **kwargs):
-        target_passes.append(1)
-        return pseudo_normal(engine, *args, **kwargs)
-
-    monkeypatch.setattr(CDDEngine, "pseudo_normal", counted)
+    target_passes = count_target_passes(monkeypatch)
     config = run_config(tmp_path, tiny_store, name="cut", **run)
     run_dir, whole, _ = train(config)
     whole_state = load_global(whole)
-    whole_reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    whole_reports = read_progress(run_dir)
     # steps 1-3 train the domain students, 4-6 the global one, the cache filled in step 4 only
     assert [r["stage"] for r in whole_reports] == ["dst"] * 3 + ["global"] * 3
     assert all(r["target_cache_mb"] > 0 for r in whole_reports[3:])
@@ -97,7 +89,7 @@ def test_a_sequential_run_stopped_during_aggregation_resumes_and_refills_its_tar
 
     _, resumed, _ = train(config)
     assert len(target_passes) == one_step_of_targets  # step 6 computed its targets again
-    reports = [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
+    reports = read_progress(run_dir)
     assert [r["step"] for r in reports] == [1, 2, 3, 4, 5, 6]
     assert reports[-1]["target_cache_mb"] == whole_reports[-1]["target_cache_mb"]
     assert reports[-1]["loss_global"] == pytest.approx(whole_reports[-1]["loss_global"], rel=1e-5)

@@ -6,7 +6,6 @@ the Parquet store) of the same config end with the same weights, and
 a memory bank gathered from two workers equals the one built in one process.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from cdd_ray.config import load_config
 from cdd_ray.evaluate.predict import predict_images
 from cdd_ray.models.patchcore.memory_bank import MemoryBank
 from cdd_ray.train.checkpoint import BANK_FILE, checkpoints_in, load_global
-from cdd_ray.train.run import PROGRESS_FILE, RunDirError, evaluate, read_metrics, train
-from tests.conftest import tiny_overrides
+from cdd_ray.train.run import RunDirError, evaluate, read_metrics, train
+from tests.conftest import read_progress, tiny_overrides
 from tests.data.trees import rgb, write_png
 from tests.train.test_distributed import read_trace
 
@@ -63,7 +62,7 @@ def test_in_process_run_equals_a_one_worker_ray_train_run_and_resumes_in_process
     _, last, _ = train(longer, trace_dir=str(trace))
     steps = {e["step"] for e in read_trace(trace)}
     assert steps == {1, 2}, f"the resumed run re-ran steps {sorted(steps)}"
-    reports = [json.loads(line) for line in (here_dir / PROGRESS_FILE).read_text().splitlines()]
+    reports = read_progress(here_dir)
     assert [r["epoch"] for r in reports] == [1, 2, 3]
     assert load_global(last)["epoch"] == 3 and len(checkpoints_in(here_dir)) == 2
     with pytest.raises(RunDirError, match="written in-process"):
