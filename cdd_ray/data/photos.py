@@ -292,8 +292,9 @@ def write_photo_benchmark(out: Path, config: PhotoBenchmarkConfig | None = None)
     """Write the benchmark as an MVTec AD tree at ``out``; returns image counts per category.
 
     The tree is written beside ``out`` under a temporary name and renamed when complete, so an
-    interrupted run leaves nothing half-written. Raises FileExistsError when ``out`` exists and
-    ValueError for an unknown category or ``defects_at``."""
+    interrupted run leaves nothing half-written. Raises FileExistsError when ``out`` exists (also
+    when another process creates it while this one writes) and ValueError for an unknown category
+    or ``defects_at``."""
     config = config or PhotoBenchmarkConfig()
     unknown = sorted(set(config.categories) - set(CATEGORIES))
     if unknown:
@@ -306,7 +307,15 @@ def write_photo_benchmark(out: Path, config: PhotoBenchmarkConfig | None = None)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         counts = {category: _write_category(staging, category, config) for category in config.categories}
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError as error:  # another process wrote ``out`` meanwhile (a non-empty folder)
+            if out.exists():
+                raise FileExistsError(
+                    f"{out} was created by another process while this one wrote the photo benchmark; "
+                    "it is left as that process wrote it"
+                ) from error
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

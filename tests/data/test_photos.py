@@ -67,6 +67,27 @@ def test_the_tree_prepares_through_the_mvtec_reader_and_is_deterministic(tmp_pat
         write_photo_benchmark(tmp_path / "again", SMALL)
 
 
+def test_a_tree_written_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two benchmark jobs started together both find no tree and both write one: the second to
+    finish gets a FileExistsError naming the folder, the first one's tree stays whole and no
+    staging folder is left behind."""
+    import cdd_ray.data.photos as photos
+
+    out = tmp_path / "tree"
+    write_category = photos._write_category
+
+    def other_process_finishes_first(base, category, config):
+        (out / category).mkdir(parents=True)
+        (out / category / "theirs.txt").write_text("written by the other job")
+        return write_category(base, category, config)
+
+    monkeypatch.setattr(photos, "_write_category", other_process_finishes_first)
+    with pytest.raises(FileExistsError, match="another process"):
+        photos.write_photo_benchmark(out, PhotoBenchmarkConfig(image_size=32, categories=("tissue",)))
+    assert (out / "tissue" / "theirs.txt").read_text() == "written by the other job"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
 def share_in_border_band(mask: np.ndarray, band: float = 0.125) -> float:
     """The share of a mask's pixels less than ``band`` x the image's side from its border."""
     size = mask.shape[0]
