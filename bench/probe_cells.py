@@ -69,12 +69,15 @@ def run_cells(args, run_cell: Callable, key_suffix: str, shown: Callable[[dict],
 
 
 def cells_by_setting(paths: list[str]) -> dict[str, list[dict]]:
-    """The rows of every JSON lines file in ``paths``, grouped by their setting."""
+    """The rows of every JSON lines file in ``paths``, grouped by what their key holds besides the
+    seed and the category: setting, noise, domain count, epochs (and a probe's suffix), e.g.
+    ``overlap 0.4, K2, 100 epochs``."""
     groups: dict[str, list[dict]] = {}
     for path in paths:
         for line in Path(path).read_text().splitlines():
             row = json.loads(line)
-            groups.setdefault(row["setting"], []).append(row)
+            setting, noise, _seed, _category, domains, epochs = row["key"].split("|", 5)
+            groups.setdefault(f"{setting} {noise}, {domains}, {epochs} epochs", []).append(row)
     return groups
 
 

@@ -23,8 +23,10 @@ Normalizations compared in the report (each maps a detector's score s to a compa
 - ``cdf``: share of training scores below s (empirical CDF), ties at the ends kept apart by z;
 - ``rank`` (transductive reference, not deployable one image at a time): rank within the test set.
 
-Fused score: the mean of the two normalized scores. Not a product path: a probe to decide whether
-a fused detector is worth shipping.
+Fused score: the mean of the two normalized scores; CDD with SoftPatch (``fuse_*``) and, in cells
+recorded from 2026-12-02 (afternoon) on, CDD with PatchCore (``fuse_pc_*_ho``, PatchCore's training
+scores always out of sample: in sample its bank holds each training image's own patches). Not a
+product path: a probe to decide whether a fused detector is worth shipping.
 
 Run: .venv/bin/python bench/score_fusion.py --out bench_out/fusion_overlap.jsonl --setting overlap --noise 0.2
      .venv/bin/python bench/score_fusion.py --out bench_out/fusion_*.jsonl --report
@@ -68,13 +70,15 @@ def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
     features = training_patch_features(teacher, images)
     softpatch = bank_detector(teacher, features, config, True, seed)
     patchcore = bank_detector(teacher, features, config, False, seed)
-    # SoftPatch out of sample: each domain's images scored by a bank of the other domains' images
-    held_out = np.zeros(len(images))
+    # out of sample: each domain's images scored by a bank (SoftPatch's, PatchCore's) of the other
+    # domains' images; PatchCore in-sample would score a training image against its own patches
+    held_out = {"softpatch_held_out": np.zeros(len(images)), "patchcore_held_out": np.zeros(len(images))}
     for k in range(args.domains):
         own = np.flatnonzero(domains == k)
         others = torch.as_tensor(np.flatnonzero(domains != k))
-        other = bank_detector(teacher, features[others], config, True, seed)
-        held_out[own] = image_scores(other, images[torch.as_tensor(own)])
+        for name, denoise in (("softpatch_held_out", True), ("patchcore_held_out", False)):
+            other = bank_detector(teacher, features[others], config, denoise, seed)
+            held_out[name][own] = image_scores(other, images[torch.as_tensor(own)])
     return {
         "test_labels": [int(v) for v in test["labels"]],
         "test": {
@@ -86,7 +90,7 @@ def run_cell(teacher, store: Path, category: str, seed: int, args) -> dict:
         "train": {
             "cdd": image_scores(cdd, images),
             "softpatch": image_scores(softpatch, images),
-            "softpatch_held_out": [round(float(s), 6) for s in held_out],
+            **{name: [round(float(s), 6) for s in scores] for name, scores in held_out.items()},
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -128,30 +132,42 @@ def fused_aurocs(cell: dict) -> dict[str, float]:
             soft = normalize(test["softpatch"], train[reference])
             suffix = "" if reference == "softpatch" else "_ho"
             out[f"fuse_{name}{suffix}"] = auroc((cdd + soft) / 2, labels)
+        if "patchcore_held_out" in train:  # cells recorded from 2026-12-02 (afternoon) on
+            reference = train["patchcore_held_out"] if name != "rank" else None
+            patch = normalize(test["patchcore"], reference)
+            out[f"fuse_pc_{name}_ho"] = auroc((normalize(test["cdd"], train["cdd"]) + patch) / 2, labels)
     return out
 
 
 def report(paths: list[str]) -> None:
+    """Per setting: each score's mean +- std over seeds (of the category mean), its worst run, and
+    its difference from each single detector paired per seed (mean over categories, then over
+    seeds), with the worst single cell against SoftPatch."""
+    singles = ("cdd", "softpatch", "patchcore")
     for setting, cells in cells_by_setting(paths).items():
         results = [fused_aurocs(c) for c in cells]
         seeds = sorted({c["seed"] for c in cells})
+
+        def per_seed(method: str, minus: str | None = None, results=results, cells=cells, seeds=seeds):
+            """Per seed: the mean over its categories of ``method`` (minus ``minus``)."""
+            differences = [r[method] - (r[minus] if minus else 0.0) for r in results]
+            by_seed = [[d for d, c in zip(differences, cells, strict=True) if c["seed"] == s] for s in seeds]
+            return [np.mean(values) for values in by_seed]
+
         print(f"\n{setting}: {len(cells)} cells; image AUROC: mean +- std over seeds of the category mean")
         print(
-            "| score | image AUROC | worst run | paired vs softpatch | paired vs cdd | worst vs softpatch |"
+            "| score | image AUROC | worst run | per seed vs "
+            + " | per seed vs ".join(singles)
+            + " | worst cell vs softpatch |"
         )
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|" + "---:|" * (len(singles) + 1))
         for method in results[0]:
-            per_seed = [
-                np.mean([r[method] for r, c in zip(results, cells, strict=True) if c["seed"] == s])
-                for s in seeds
-            ]
             worst = min(range(len(cells)), key=lambda i: results[i][method])
+            paired = " | ".join(mean_std(per_seed(method, m), signed=True) for m in singles)
             soft = [r[method] - r["softpatch"] for r in results]
-            cdd = [r[method] - r["cdd"] for r in results]
             print(
-                f"| {method} | {mean_std(per_seed)} | {results[worst][method]:.3f} "
-                f"({cells[worst]['category']}, s{cells[worst]['seed']}) | {mean_std(soft, signed=True)} | "
-                f"{mean_std(cdd, signed=True)} | {min(soft):+.3f} |"
+                f"| {method} | {mean_std(per_seed(method))} | {results[worst][method]:.3f} "
+                f"({cells[worst]['category']}, s{cells[worst]['seed']}) | {paired} | {min(soft):+.3f} |"
             )
         correlation = [
             np.corrcoef(np.asarray(c["test"]["cdd"]), np.asarray(c["test"]["softpatch"]))[0, 1] for c in cells
