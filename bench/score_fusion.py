@@ -14,8 +14,8 @@ score needed and fuses them in ``--report`` (no retraining to try another rule):
   ``patchcore`` (the product's banks);
 - training image scores for the normalization: CDD's global student on its own training images
   (in-sample), SoftPatch's full bank on them (in-sample: a training patch that is in the coreset
-  matches itself), and SoftPatch out-of-sample: a bank built on the other domain's images scores
-  each domain's images (leave-one-domain-out, CDD's own domains).
+  matches itself), and SoftPatch and PatchCore out-of-sample: a bank built on the other domain's
+  images scores each domain's images (leave-one-domain-out, CDD's own domains).
 
 Normalizations compared in the report (each maps a detector's score s to a comparable number):
 
@@ -24,8 +24,11 @@ Normalizations compared in the report (each maps a detector's score s to a compa
 - ``rank`` (transductive reference, not deployable one image at a time): rank within the test set.
 
 Fused score: the mean of the two normalized scores; CDD with SoftPatch (``fuse_*``) and, in cells
-recorded from 2026-12-02 (afternoon) on, CDD with PatchCore (``fuse_pc_*_ho``, PatchCore's training
-scores always out of sample: in sample its bank holds each training image's own patches). Not a
+recorded from 2026-12-02 (afternoon) on, CDD with PatchCore (``fuse_pc_*``, PatchCore's training
+scores always out of sample, ``patchcore_held_out``: in sample its bank holds each training
+image's own patches). An out-of-sample bank holds half the images (K = 2), so its training scores
+sit higher than the full bank's test scores would on the same images: the normalized test scores
+are shifted and the two detectors reweighted a little. Not a
 product path: a probe to decide whether a fused detector is worth shipping.
 
 Run: .venv/bin/python bench/score_fusion.py --out bench_out/fusion_overlap.jsonl --setting overlap --noise 0.2
@@ -133,9 +136,10 @@ def fused_aurocs(cell: dict) -> dict[str, float]:
             suffix = "" if reference == "softpatch" else "_ho"
             out[f"fuse_{name}{suffix}"] = auroc((cdd + soft) / 2, labels)
         if "patchcore_held_out" in train:  # cells recorded from 2026-12-02 (afternoon) on
-            reference = train["patchcore_held_out"] if name != "rank" else None
-            patch = normalize(test["patchcore"], reference)
-            out[f"fuse_pc_{name}_ho"] = auroc((normalize(test["cdd"], train["cdd"]) + patch) / 2, labels)
+            # PatchCore's training scores out of sample only; rank uses none
+            patch = normalize(test["patchcore"], train["patchcore_held_out"])
+            fused = auroc((normalize(test["cdd"], train["cdd"]) + patch) / 2, labels)
+            out[f"fuse_pc_{name}" + ("" if name == "rank" else "_ho")] = fused
     return out
 
 

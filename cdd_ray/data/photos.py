@@ -293,8 +293,8 @@ def write_photo_benchmark(out: Path, config: PhotoBenchmarkConfig | None = None)
 
     The tree is written beside ``out`` under a temporary name and renamed when complete, so an
     interrupted run leaves nothing half-written. Raises FileExistsError when ``out`` exists (also
-    when another process creates it while this one writes) and ValueError for an unknown category
-    or ``defects_at``."""
+    when another process writes into it while this one writes; an empty folder created meanwhile
+    is replaced) and ValueError for an unknown category or ``defects_at``."""
     config = config or PhotoBenchmarkConfig()
     unknown = sorted(set(config.categories) - set(CATEGORIES))
     if unknown:
