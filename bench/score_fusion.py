@@ -28,8 +28,8 @@ recorded from 2026-12-02 (afternoon) on, CDD with PatchCore (``fuse_pc_*``, Patc
 scores always out of sample, ``patchcore_held_out``: in sample its bank holds each training
 image's own patches). An out-of-sample bank holds half the images (K = 2), so its training scores
 sit higher than the full bank's test scores would on the same images: the normalized test scores
-are shifted and the two detectors reweighted a little. Not a
-product path: a probe to decide whether a fused detector is worth shipping.
+are shifted and the two detectors reweighted a little. Not a product path: a probe to decide
+whether a fused detector is worth shipping.
 
 Run: .venv/bin/python bench/score_fusion.py --out bench_out/fusion_overlap.jsonl --setting overlap --noise 0.2
      .venv/bin/python bench/score_fusion.py --out bench_out/fusion_*.jsonl --report
@@ -128,18 +128,17 @@ def fused_aurocs(cell: dict) -> dict[str, float]:
     train = {m: np.asarray(v) for m, v in cell["train"].items()}
     out = {m: auroc(s, labels) for m, s in test.items()}
     for name, normalize in NORMALIZERS.items():
+        cdd = normalize(test["cdd"], train["cdd"])
         for reference in SOFTPATCH_REFERENCES:
             if name == "rank" and reference != "softpatch":
                 continue  # rank ignores the training scores
-            cdd = normalize(test["cdd"], train["cdd"])
             soft = normalize(test["softpatch"], train[reference])
             suffix = "" if reference == "softpatch" else "_ho"
             out[f"fuse_{name}{suffix}"] = auroc((cdd + soft) / 2, labels)
         if "patchcore_held_out" in train:  # cells recorded from 2026-12-02 (afternoon) on
             # PatchCore's training scores out of sample only; rank uses none
             patch = normalize(test["patchcore"], train["patchcore_held_out"])
-            fused = auroc((normalize(test["cdd"], train["cdd"]) + patch) / 2, labels)
-            out[f"fuse_pc_{name}" + ("" if name == "rank" else "_ho")] = fused
+            out[f"fuse_pc_{name}" + ("" if name == "rank" else "_ho")] = auroc((cdd + patch) / 2, labels)
     return out
 
 
